@@ -1,0 +1,125 @@
+"""Every configuration field, with its default. Organ configs import this and override a few fields.
+
+Config files take an argument: `--config=configs/synthetic.py:smoke` or `...:smoke,eps_only`. Tokens:
+  smoke        shrink everything so the whole run takes well under two minutes on a CPU (tests, CI)
+  cpu          a profile that trains to a meaningful result on a 2-core CPU in about 30 minutes
+  <preset>     a stage-table preset from unisegdiff_jax.diffusion.STAGE_PRESETS (eps_only, x0_only,
+               v_only, two_stage, three_stage)
+Any field can also be overridden: `--config.diffusion.stages='0:1000 eps steps=10'`.
+"""
+
+import os
+
+import ml_collections
+
+STAGE_PRESET_NAMES = ('three_stage', 'two_stage', 'eps_only', 'x0_only', 'v_only')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = base_config()
+  return apply_arguments(config, arg)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: comma-separated TFDS dataset names (a config may be named: 'synthetic_lesions/tiny').
+  config.data = ml_collections.ConfigDict()
+  config.data.datasets = 'synthetic_lesions'
+  config.data.mixture_weights = ''  # comma-separated, one per dataset; '' = balanced per dataset
+  config.data.data_dir = os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
+  config.data.train_split = 'train'
+  config.data.val_split = 'val'
+  config.data.test_split = 'test'
+  config.data.image_size = 64
+  config.data.augment = True
+  config.data.max_rotation_degrees = 15.0
+  config.data.worker_count = 0  # grain worker processes; 0 = in the main process (threads prefetch)
+  config.data.max_val_examples = 64  # periodic validation subset size (0 = all)
+  config.data.max_eval_examples = 0  # final evaluation cap per dataset (0 = all)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.dtype = 'float32'
+  config.model.num_groups = 8
+  config.model.encoder = ml_collections.ConfigDict()
+  config.model.encoder.widths = (32, 64, 128, 128)
+  config.model.encoder.blocks_per_scale = 1
+  config.model.denoiser = ml_collections.ConfigDict()
+  config.model.denoiser.base_width = 32
+  config.model.denoiser.channel_mult = (1, 2, 4, 4)
+  config.model.denoiser.num_res_blocks = 1
+  config.model.denoiser.attention_levels = (3,)
+  config.model.denoiser.num_heads = 4
+  config.model.denoiser.dropout = 0.0
+
+  # Diffusion and the stage table (our reconstruction; UniSegDiff's exact values are unpublished).
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.num_timesteps = 1000
+  config.diffusion.schedule = 'linear'  # linear | cosine
+  config.diffusion.beta_start = 1e-4
+  config.diffusion.beta_end = 0.02
+  config.diffusion.stages = 'three_stage'  # a preset name or a table string, see diffusion.py
+  config.diffusion.timestep_sampling = 'uniform'  # uniform | balanced (uniform over stages)
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.aux_weight = 0.1  # BCE + Dice on the implied x0 of every sample
+  config.loss.aux_max_t = 1000  # the auxiliary term only for t < aux_max_t
+
+  # Sampling used by validation and evaluation.
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.sampler = 'staged'  # staged | ddim
+  config.sampling.ddim_steps = 100
+  config.sampling.threshold = 0.5
+  config.sampling.batch_size = 32
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 100
+  config.optim.weight_decay = 1e-4
+  config.optim.grad_clip_norm = 1.0
+  config.optim.ema_decay = 0.99
+
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 16
+  config.train.num_steps = 2000
+  config.train.log_every_steps = 50
+  config.train.eval_every_steps = 500  # periodic validation + checkpoint
+  config.train.checkpoint_every_steps = 500
+  config.train.keep_checkpoints = 2  # latest N (plus the best by validation Dice)
+  config.train.nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
+  config.train.num_overlay_cases = 12
+  return config
+
+
+def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the comma-separated config-file argument tokens (smoke, cpu, stage presets)."""
+  for token in [t.strip() for t in (arg or '').split(',') if t.strip()]:
+    if token == 'smoke':
+      apply_smoke(config)
+    elif token == 'cpu':
+      pass  # the base config is already CPU-sized; organ configs define their own `cpu` profile
+    elif token in STAGE_PRESET_NAMES:
+      config.diffusion.stages = token
+    else:
+      raise ValueError(f"unknown config argument '{token}': use smoke, cpu or a stage preset "
+                       f"({', '.join(STAGE_PRESET_NAMES)})")
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  config.data.image_size = 32
+  config.data.max_val_examples = 8
+  config.data.max_eval_examples = 16
+  config.model.encoder.widths = (8, 16, 16, 16)
+  config.model.denoiser.base_width = 8
+  config.model.denoiser.channel_mult = (1, 2, 2, 2)
+  config.model.num_groups = 4
+  config.sampling.batch_size = 8
+  config.train.global_batch_size = 8
+  config.train.num_steps = 20
+  config.train.log_every_steps = 5
+  config.train.eval_every_steps = 10
+  config.train.checkpoint_every_steps = 10
+  config.train.num_overlay_cases = 4
+  config.optim.warmup_steps = 5

@@ -1,0 +1,125 @@
+"""The one place that talks to orbax: train state + data-iterator state, latest-N and best-by-Dice.
+
+A checkpoint step holds two items: `state` (the TrainState pytree: step, params, optimiser state, EMA
+params) and `data_iter` (the Grain iterator state as JSON), plus the validation metrics orbax stores with
+the step. Preservation: the latest `keep` steps and the best step by `val_dice` (orbax
+`preservation_policy`). orbax writes each step to a temporary directory and renames it when complete, so a
+crash mid-save leaves no half-written step that a restart would pick up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = 'val_dice'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used (incompatible config, unwritable directory); one-line message."""
+
+
+def _best_metric(metrics: dict) -> float:
+  return float(metrics.get(BEST_METRIC, float('-inf')))
+
+
+def create_manager(directory: str, *, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
+  directory = os.path.abspath(directory)
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
+      checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  # best_fn only makes orbax write the metrics with each step; what is kept is the preservation policy's.
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=_best_metric, best_mode='max', create=True,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data_iter'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter_state: Optional[dict] = None,
+         metrics: Optional[dict] = None, *, wait: bool = False) -> None:
+  items = {'state': ocp.args.StandardSave(state)}
+  if data_iter_state is not None:
+    items['data_iter'] = ocp.args.JsonSave(data_iter_state)
+  manager.save(step, args=ocp.args.Composite(**items),
+               metrics={k: float(v) for k, v in (metrics or {}).items()} or None, force=True)
+  if wait:
+    manager.wait_until_finished()
+
+
+def _path_name(path) -> str:
+  parts = []
+  for entry in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+  return '/'.join(parts)
+
+
+def flatten_with_names(tree: Any) -> dict[str, Any]:
+  """{'params/encoder/stem/kernel': leaf, ...}: one naming for dataclasses, dicts and stored metadata."""
+  return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape_mismatches(expected: Any, stored: Any) -> list[str]:
+  """Parameter paths whose stored shape differs from the expected one (or are missing / unexpected)."""
+  problems = []
+  flat_expected = flatten_with_names(expected)
+  flat_stored = flatten_with_names(stored)
+  for key, value in flat_expected.items():
+    if key not in flat_stored:
+      problems.append(f'{key} missing')
+    elif tuple(getattr(flat_stored[key], 'shape', ())) != tuple(getattr(value, 'shape', ())):
+      problems.append(f'{key} has shape {tuple(flat_stored[key].shape)}, the config needs {tuple(value.shape)}')
+  problems.extend(f'{key} unexpected' for key in flat_stored if key not in flat_expected)
+  return problems
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, with_data_iter: bool = True):
+  """Restores (state, data_iter_state or None) at `step` onto the shardings of `abstract_state`.
+
+  A checkpoint written by an incompatible config raises CheckpointError naming the first mismatched
+  parameter paths.
+  """
+  stored = manager.item_metadata(step)
+  stored_state = stored['state'] if stored is not None and 'state' in stored else None
+  if stored_state is not None:
+    problems = _shape_mismatches(abstract_state, stored_state)
+    if problems:
+      shown = '; '.join(problems[:3]) + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '')
+      raise CheckpointError(f'checkpoint {manager.directory}/{step} does not fit this config: {shown}')
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  has_iter = with_data_iter and stored is not None and stored.get('data_iter') is not None
+  if has_iter:
+    items['data_iter'] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored['state'], (restored['data_iter'] if has_iter else None)
+
+
+def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
+  """The kept step with the highest validation Dice (the latest step if none has metrics)."""
+  scored = []
+  for step in manager.all_steps():
+    metrics = manager.metrics(step)
+    if metrics and BEST_METRIC in metrics:
+      scored.append((float(metrics[BEST_METRIC]), step))
+  if scored:
+    return max(scored)[1]
+  return manager.latest_step()
+
+
+def log_half_written(directory: str) -> None:
+  """Warns about orbax temporary directories (a save interrupted by a crash); they are ignored."""
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    if '.orbax-checkpoint-tmp' in name:
+      logging.warning('ignoring the half-written checkpoint %s (a save was interrupted)',
+                      os.path.join(directory, name))

@@ -1,0 +1,159 @@
+"""Grain pipelines over TFDS ArrayRecord data sources: decode, resize, augment, mix datasets, batch, shard.
+
+Records (see data_prep) hold `image` [H, W, 3] uint8 at native resolution, `mask` [H, W, 1] uint8 in {0, 1},
+`case_id`, `dataset`, `organ`, `modality`. Training batches hold `image` [b, S, S, 3] float32 in [-1, 1] and
+`mask` [b, S, S, 1] float32 in {0, 1}, b = global batch / process count (each JAX process reads its own
+shard of every dataset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+import data_prep
+
+
+def dataset_names(data_config: ml_collections.ConfigDict) -> list[str]:
+  names = [n.strip() for n in data_config.datasets.split(',') if n.strip()]
+  if not names:
+    raise ValueError('config.data.datasets is empty: name at least one dataset')
+  return names
+
+
+def display_name(name: str) -> str:
+  """'synthetic_lesions/tiny' -> 'synthetic_lesions' (the name used in summaries)."""
+  return name.split('/')[0]
+
+
+def mixture_weights(data_config: ml_collections.ConfigDict) -> list[float]:
+  names = dataset_names(data_config)
+  text = data_config.mixture_weights.strip()
+  if not text:
+    return [1.0 / len(names)] * len(names)
+  try:
+    weights = [float(w) for w in text.split(',')]
+  except ValueError:
+    raise ValueError(f"config.data.mixture_weights='{text}' is not a comma-separated list of numbers") from None
+  if len(weights) != len(names) or any(w < 0 for w in weights) or sum(weights) <= 0:
+    raise ValueError(f'config.data.mixture_weights needs {len(names)} non-negative weights (one per dataset '
+                     f'in config.data.datasets), got {text!r}')
+  return [w / sum(weights) for w in weights]
+
+
+def load_source(name: str, split: str, data_dir: str):
+  """The ArrayRecord data source of one dataset split (builds the synthetic set on first use)."""
+  builder = data_prep.ensure_built(name, data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset '{name}' has no split '{split}' (it has: {', '.join(builder.info.splits)})")
+  return builder.as_data_source(split=split)
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, np.ndarray):
+    return _text(value.item())
+  return str(value)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [size, size, 3] in [-1, 1] (bilinear)."""
+  resized = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+  return np.asarray(resized, np.float32) / 127.5 - 1.0
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """{0,1} [H, W, 1] -> float32 [size, size, 1] (nearest)."""
+  resized = Image.fromarray(mask[..., 0].astype(np.uint8)).resize((size, size), Image.NEAREST)
+  return np.asarray(resized, np.float32)[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform(grain.transforms.RandomMap):
+  """Resize, random flips and a small random rotation (same geometry for image and mask)."""
+  image_size: int
+  augment: bool
+  max_rotation_degrees: float
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    image = Image.fromarray(np.asarray(record['image'], np.uint8))
+    mask = Image.fromarray(np.asarray(record['mask'], np.uint8)[..., 0])
+    size = (self.image_size, self.image_size)
+    image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+    if self.augment:
+      if rng.random() < 0.5:
+        image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+      if rng.random() < 0.5:
+        image, mask = image.transpose(Image.FLIP_TOP_BOTTOM), mask.transpose(Image.FLIP_TOP_BOTTOM)
+      if self.max_rotation_degrees > 0:
+        angle = float(rng.uniform(-self.max_rotation_degrees, self.max_rotation_degrees))
+        image = image.rotate(angle, Image.BILINEAR, fillcolor=(0, 0, 0))
+        mask = mask.rotate(angle, Image.NEAREST, fillcolor=0)
+    return {
+        'image': np.asarray(image, np.float32) / 127.5 - 1.0,
+        'mask': np.asarray(mask, np.float32)[..., None],
+    }
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+                          process_count: int | None = None) -> grain.DatasetIterator:
+  """An infinite, checkpointable iterator of per-process training batches (datasets mixed by weight)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  data = config.data
+  global_batch = config.train.global_batch_size
+  if global_batch % process_count:
+    raise ValueError(f'config.train.global_batch_size={global_batch} is not divisible by the '
+                     f'{process_count} JAX processes')
+  per_dataset = []
+  for index, name in enumerate(dataset_names(data)):
+    source = load_source(name, data.train_split, data.data_dir)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    per_dataset.append(ds.shuffle(seed=config.seed + 1000 * index).repeat())
+  ds = per_dataset[0] if len(per_dataset) == 1 else grain.MapDataset.mix(per_dataset, mixture_weights(data))
+  ds = ds.random_map(TrainTransform(data.image_size, data.augment, data.max_rotation_degrees),
+                     seed=config.seed)
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if data.worker_count > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+  return iter(iter_ds)
+
+
+@dataclasses.dataclass
+class EvalCase:
+  """One evaluation image: the network input and the native-resolution truth."""
+  dataset: str
+  case_id: str
+  image: np.ndarray  # uint8 [H, W, 3] native
+  mask: np.ndarray  # bool [H, W] native
+
+
+def eval_cases(config: ml_collections.ConfigDict, split: str, max_examples: int = 0
+               ) -> dict[str, list[EvalCase]]:
+  """Evaluation cases per dataset (this process's shard), in a fixed order."""
+  out = {}
+  for name in dataset_names(config.data):
+    source = load_source(name, split, config.data.data_dir)
+    count = len(source) if not max_examples else min(max_examples, len(source))
+    cases = []
+    for i in range(jax.process_index(), count, jax.process_count()):
+      record = source[i]
+      cases.append(EvalCase(
+          dataset=display_name(name), case_id=_text(record['case_id']),
+          image=np.asarray(record['image'], np.uint8),
+          mask=np.asarray(record['mask'])[..., 0] > 0))
+    out[display_name(name)] = cases
+  return out
+
+
+def batched(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
+  for start in range(0, len(items), batch_size):
+    yield items[start:start + batch_size]

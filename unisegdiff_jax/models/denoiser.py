@@ -1,0 +1,117 @@
+"""The UNet denoiser over the noisy mask, and the full model (encoder + denoiser)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from unisegdiff_jax.models import layers
+from unisegdiff_jax.models.encoder import ConditioningEncoder
+
+
+class Denoiser(nn.Module):
+  """UNet over x_t conditioned on (t, stage) by FiLM and on encoder features at every matching scale.
+
+  Level i runs at resolution H / 2**i with `base_width * channel_mult[i]` channels and fuses encoder scale i
+  (a 1x1 projection added to the first block's input). Self-attention only at `attention_levels`.
+  """
+  base_width: int = 32
+  channel_mult: Sequence[int] = (1, 2, 4, 4)
+  num_res_blocks: int = 1
+  attention_levels: Sequence[int] = (3,)
+  num_heads: int = 4
+  num_groups: int = 8
+  num_stages: int = 3
+  dropout: float = 0.0
+  out_channels: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_t, t, stage_id, features: Sequence[jnp.ndarray], *, train: bool = False):
+    if len(features) != len(self.channel_mult):
+      raise ValueError(f'the denoiser has {len(self.channel_mult)} levels but got {len(features)} '
+                       'encoder scales: model.encoder.widths and model.denoiser.channel_mult must have '
+                       'the same length')
+    emb_dim = 4 * self.base_width
+    cond = layers.sinusoidal_embedding(t, self.base_width)
+    cond = nn.Dense(emb_dim, dtype=self.dtype, name='time_mlp_0')(cond)
+    cond = nn.Dense(emb_dim, dtype=self.dtype, name='time_mlp_1')(nn.swish(cond))
+    cond = cond + nn.Embed(self.num_stages, emb_dim, name='stage_embedding')(stage_id)
+
+    def res_block(width, name):
+      return layers.ResBlock(width, self.num_groups, self.dropout, dtype=self.dtype, name=name)
+
+    def attention(name):
+      return layers.SelfAttention(self.num_heads, self.num_groups, dtype=self.dtype, name=name)
+
+    h = nn.Conv(self.base_width, (3, 3), dtype=self.dtype, name='conv_in')(x_t)
+    skips = [h]
+    for level, mult in enumerate(self.channel_mult):
+      width = self.base_width * mult
+      fused = nn.Conv(h.shape[-1], (1, 1), dtype=self.dtype, name=f'fuse_{level}')(features[level])
+      h = h + fused
+      for block in range(self.num_res_blocks):
+        h = res_block(width, f'down_{level}_{block}')(h, cond, train=train)
+        if level in self.attention_levels:
+          h = attention(f'down_attn_{level}_{block}')(h)
+        skips.append(h)
+      if level < len(self.channel_mult) - 1:
+        h = layers.Downsample(width, dtype=self.dtype, name=f'downsample_{level}')(h)
+        skips.append(h)
+
+    h = res_block(h.shape[-1], 'mid_0')(h, cond, train=train)
+    h = attention('mid_attn')(h)
+    h = res_block(h.shape[-1], 'mid_1')(h, cond, train=train)
+
+    for level in reversed(range(len(self.channel_mult))):
+      width = self.base_width * self.channel_mult[level]
+      for block in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(width, f'up_{level}_{block}')(h, cond, train=train)
+        if level in self.attention_levels:
+          h = attention(f'up_attn_{level}_{block}')(h)
+      if level > 0:
+        h = layers.Upsample(width, dtype=self.dtype, name=f'upsample_{level}')(h)
+
+    h = nn.GroupNorm(layers.group_count(h.shape[-1], self.num_groups), dtype=self.dtype)(h)
+    h = nn.swish(h)
+    out = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                  name='conv_out')(h)
+    return out.astype(jnp.float32)
+
+
+class UniSegDiffModel(nn.Module):
+  """Conditioning encoder + denoiser. `encode` runs once per image; `denoise` once per sampler step."""
+  encoder: ConditioningEncoder
+  denoiser: Denoiser
+
+  def encode(self, image, *, train: bool = False):
+    return self.encoder(image, train=train)
+
+  def denoise(self, features, x_t, t, stage_id, *, train: bool = False):
+    return self.denoiser(x_t, t, stage_id, features, train=train)
+
+  def __call__(self, image, x_t, t, stage_id, *, train: bool = False):
+    return self.denoise(self.encode(image, train=train), x_t, t, stage_id, train=train)
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_stages: int) -> UniSegDiffModel:
+  dtype = jnp.dtype(model_config.dtype)
+  encoder = ConditioningEncoder(
+      widths=tuple(model_config.encoder.widths),
+      blocks_per_scale=model_config.encoder.blocks_per_scale,
+      num_groups=model_config.num_groups, dtype=dtype)
+  denoiser = Denoiser(
+      base_width=model_config.denoiser.base_width,
+      channel_mult=tuple(model_config.denoiser.channel_mult),
+      num_res_blocks=model_config.denoiser.num_res_blocks,
+      attention_levels=tuple(model_config.denoiser.attention_levels),
+      num_heads=model_config.denoiser.num_heads,
+      num_groups=model_config.num_groups,
+      num_stages=num_stages,
+      dropout=model_config.denoiser.dropout,
+      dtype=dtype)
+  return UniSegDiffModel(encoder=encoder, denoiser=denoiser)
