@@ -5,6 +5,9 @@ Config files take an argument: `--config=configs/synthetic.py:smoke` or `...:smo
   cpu          a profile that trains to a meaningful result on a 2-core CPU in about 30 minutes
   <preset>     a stage-table preset from unisegdiff_jax.diffusion.STAGE_PRESETS (eps_only, x0_only,
                v_only, two_stage, three_stage)
+  scratch | frozen | finetune
+               the encoder: no phase-0 pre-training (trained jointly) | pre-trained and frozen (default)
+               | pre-trained and fine-tuned at pretrain.finetune_lr_multiplier times the learning rate
 Any field can also be overridden: `--config.diffusion.stages='0:1000 eps steps=10'`.
 """
 
@@ -13,6 +16,7 @@ import os
 import ml_collections
 
 STAGE_PRESET_NAMES = ('three_stage', 'two_stage', 'eps_only', 'x0_only', 'v_only')
+PRETRAIN_PRESETS = ('scratch', 'frozen', 'finetune')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.image_size = 64
   config.data.augment = True
   config.data.max_rotation_degrees = 15.0
+  config.data.cache_resized = True  # decode + resize each training image once, keep it in memory
   config.data.worker_count = 0  # grain worker processes; 0 = in the main process (threads prefetch)
   config.data.max_val_examples = 64  # periodic validation subset size (0 = all)
   config.data.max_eval_examples = 0  # final evaluation cap per dataset (0 = all)
@@ -73,6 +78,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling.threshold = 0.5
   config.sampling.batch_size = 32
 
+  # Phase 0: the conditioning encoder pre-trained as a plain segmenter (also the non-diffusion baseline).
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.enabled = True  # False: no pre-training, the encoder trains jointly in phase 1
+  config.pretrain.num_steps = 500
+  config.pretrain.eval_every_steps = 250
+  config.pretrain.learning_rate = 3e-3
+  config.pretrain.warmup_steps = 50
+  config.pretrain.weight_decay = 1e-4
+  config.pretrain.decoder_width = 32
+  config.pretrain.encoder_mode = 'frozen'  # frozen | finetune: the encoder in phase 1
+  config.pretrain.finetune_lr_multiplier = 0.1
+  config.pretrain.coarse_logits = False  # give the segmenter's logits to the denoiser as an input channel
+  config.pretrain.checkpoint = ''  # reuse a phase-0 run: its workdir (or pretrain/checkpoints dir)
+  config.pretrain.external_weights = ''  # start the encoder from a local .npz / .safetensors file
+  config.pretrain.weights_name_map = ''  # JSON {file name: model path} for external_weights
+
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
@@ -89,22 +110,79 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # latest N (plus the best by validation Dice)
   config.train.nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
   config.train.num_overlay_cases = 12
+  config.train.max_steps_per_run = 0  # > 0: checkpoint and exit 0 after this many steps (resume later)
+  config.train.debug_nonfinite_step = 0  # > 0: make that step's loss NaN (tests the non-finite policy)
   return config
 
 
 def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies the comma-separated config-file argument tokens (smoke, cpu, stage presets)."""
-  for token in [t.strip() for t in (arg or '').split(',') if t.strip()]:
+  for token in tokens(arg):
     if token == 'smoke':
       apply_smoke(config)
     elif token == 'cpu':
-      pass  # the base config is already CPU-sized; organ configs define their own `cpu` profile
+      apply_cpu(config)
     elif token in STAGE_PRESET_NAMES:
       config.diffusion.stages = token
+    elif token == 'scratch':
+      config.pretrain.enabled = False
+    elif token in ('frozen', 'finetune'):
+      config.pretrain.enabled = True
+      config.pretrain.encoder_mode = token
     else:
-      raise ValueError(f"unknown config argument '{token}': use smoke, cpu or a stage preset "
-                       f"({', '.join(STAGE_PRESET_NAMES)})")
+      raise ValueError(f"unknown config argument '{token}': use smoke, cpu, a stage preset "
+                       f"({', '.join(STAGE_PRESET_NAMES)}) or {', '.join(PRETRAIN_PRESETS)}")
   return config
+
+
+def tokens(arg: str | None) -> list[str]:
+  return [t.strip() for t in (arg or '').split(',') if t.strip()]
+
+
+def apply_full_scale(config: ml_collections.ConfigDict) -> None:
+  """Accelerator-sized defaults for the organ configs (256 px, GPU/TPU widths)."""
+  config.data.image_size = 256
+  config.model.encoder.widths = (64, 128, 256, 512)
+  config.model.encoder.blocks_per_scale = 2
+  config.model.denoiser.base_width = 64
+  config.model.denoiser.channel_mult = (1, 2, 4, 8)
+  config.model.denoiser.num_res_blocks = 2
+  config.model.denoiser.attention_levels = (3,)
+  config.model.num_groups = 32
+  config.pretrain.decoder_width = 128
+  config.pretrain.num_steps = 10_000
+  config.pretrain.eval_every_steps = 2_000
+  config.optim.learning_rate = 2e-4
+  config.optim.warmup_steps = 1_000
+  config.optim.ema_decay = 0.999
+  config.train.global_batch_size = 32
+  config.train.num_steps = 60_000
+  config.train.eval_every_steps = 5_000
+  config.train.checkpoint_every_steps = 1_000
+  config.sampling.batch_size = 32
+
+
+def apply_cpu(config: ml_collections.ConfigDict) -> None:
+  """A 2-core-CPU profile: 64 px, 1.4M-parameter denoiser; about 30 minutes for both phases."""
+  config.data.image_size = 64
+  config.model.encoder.widths = (16, 32, 64, 64)
+  config.model.encoder.blocks_per_scale = 1
+  config.model.denoiser.base_width = 16
+  config.model.denoiser.channel_mult = (1, 2, 4, 4)
+  config.model.denoiser.num_res_blocks = 1
+  config.model.denoiser.attention_levels = (3,)
+  config.model.num_groups = 8
+  config.pretrain.decoder_width = 32
+  config.pretrain.num_steps = 1_000
+  config.pretrain.eval_every_steps = 500
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 100
+  config.optim.ema_decay = 0.99
+  config.train.global_batch_size = 16
+  config.train.num_steps = 2_500
+  config.train.eval_every_steps = 500
+  config.train.checkpoint_every_steps = 500
+  config.sampling.batch_size = 32
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
@@ -123,3 +201,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.train.checkpoint_every_steps = 10
   config.train.num_overlay_cases = 4
   config.optim.warmup_steps = 5
+  config.pretrain.num_steps = 10
+  config.pretrain.eval_every_steps = 10
+  config.pretrain.decoder_width = 8
+  config.pretrain.warmup_steps = 2

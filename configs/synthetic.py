@@ -11,12 +11,12 @@ def get_config(arg: str | None = None):
   config = default.base_config()
   config.data.datasets = 'synthetic_lesions'
   # Sized for the ~15-minute budget on a 2-core CPU (1.4M parameters at 64 px).
-  config.model.encoder.widths = (16, 32, 64, 64)
-  config.model.denoiser.base_width = 16
+  default.apply_cpu(config)
+  config.pretrain.num_steps = 300
+  config.pretrain.eval_every_steps = 300
   config.train.num_steps = 1000
   config.train.eval_every_steps = 250
   config.train.checkpoint_every_steps = 250
-  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
-  if 'smoke' in tokens:
+  if 'smoke' in default.tokens(arg):
     config.data.datasets = 'synthetic_lesions/tiny'
   return default.apply_arguments(config, arg)

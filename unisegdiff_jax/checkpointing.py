@@ -96,7 +96,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, w
       shown = '; '.join(problems[:3]) + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '')
       raise CheckpointError(f'checkpoint {manager.directory}/{step} does not fit this config: {shown}')
   items = {'state': ocp.args.StandardRestore(abstract_state)}
-  has_iter = with_data_iter and stored is not None and stored.get('data_iter') is not None
+  has_iter = with_data_iter and os.path.isdir(os.path.join(str(manager.directory), str(step), 'data_iter'))
   if has_iter:
     items['data_iter'] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))

@@ -115,8 +115,11 @@ def write_overlay_grid(path: str, cases: Sequence[input_pipeline.EvalCase],
 
 def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split: str, out_dir: str | None,
              *, step: int, nfe: int, sampler: str, rng: jax.Array, max_examples: int = 0,
-             batch_sharding=None) -> dict:
-  """Evaluates `segment` on `split` of every configured dataset; writes files when out_dir is given."""
+             batch_sharding=None, extra: dict | None = None) -> dict:
+  """Evaluates `segment` on `split` of every configured dataset; writes files when out_dir is given.
+
+  `extra` fields are added to the summary (e.g. the pre-trained segmenter's block).
+  """
   cases_by_dataset = input_pipeline.eval_cases(config, split, max_examples)
   rows_by_dataset, all_rows, overlay_cases, overlay_probs = {}, [], [], []
   seconds_total, count = 0.0, 0
@@ -136,6 +139,7 @@ def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split
       'seconds_per_image': seconds_total / max(count, 1), 'checkpoint_step': int(step),
       'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
   })
+  summary.update(extra or {})
   if out_dir is not None and jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'summary.json'), 'w') as f:

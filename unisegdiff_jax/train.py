@@ -6,12 +6,13 @@ one), then evaluates the best checkpoint's EMA weights on the test split.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
-import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -28,6 +29,7 @@ from unisegdiff_jax import diffusion
 from unisegdiff_jax import evaluate as evaluate_lib
 from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import losses
+from unisegdiff_jax import pretrain
 from unisegdiff_jax import sampling
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
@@ -106,14 +108,28 @@ def check_workdir(workdir: str) -> None:
 # State, optimiser, step.
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, pretrained_names=()) -> optax.GradientTransformation:
+  """Clipping + AdamW with warm-up and cosine decay; pre-trained top-level subtrees (phase 1) are frozen
+  (`config.pretrain.encoder_mode='frozen'`) or fine-tuned at `finetune_lr_multiplier` times the rate."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.optim.learning_rate,
       warmup_steps=min(config.optim.warmup_steps, max(config.train.num_steps - 1, 1)),
       decay_steps=max(config.train.num_steps, config.optim.warmup_steps + 1), end_value=0.0)
-  return optax.chain(
-      optax.clip_by_global_norm(config.optim.grad_clip_norm),
-      optax.adamw(schedule, weight_decay=config.optim.weight_decay))
+  adamw = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
+  if pretrained_names:
+    if config.pretrain.encoder_mode == 'frozen':
+      pretrained_tx = optax.set_to_zero()
+    else:
+      pretrained_tx = optax.chain(optax.adamw(schedule, weight_decay=config.optim.weight_decay),
+                                  optax.scale(config.pretrain.finetune_lr_multiplier))
+
+    def labels(params):
+      return {'params': {name: jax.tree_util.tree_map(
+          lambda _, n=name: 'pretrained' if n in pretrained_names else 'train', sub)
+                         for name, sub in params['params'].items()}}
+
+    adamw = optax.multi_transform({'train': adamw, 'pretrained': pretrained_tx}, labels)
+  return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), adamw)
 
 
 def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
@@ -144,24 +160,12 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model, op
   def loss_fn(params):
     def predict(x_t, t, stage_id):
       return model.apply(params, batch['image'], x_t, t, stage_id, train=True, rngs={'dropout': dropout_rng})
-    return losses.staged_loss(predict, batch['mask'], loss_rng, process,
-                              timestep_sampling=config.diffusion.timestep_sampling,
-                              aux_weight=config.loss.aux_weight, aux_max_t=config.loss.aux_max_t)
+    loss, metrics = losses.staged_loss(predict, batch['mask'], loss_rng, process,
+                                       timestep_sampling=config.diffusion.timestep_sampling,
+                                       aux_weight=config.loss.aux_weight, aux_max_t=config.loss.aux_max_t)
+    return _inject_nonfinite(loss, state, config), metrics
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  step = state.step + 1
-  decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
-  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
-  new_state = TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema)
-  # A non-finite step only advances the step counter (so the data and rng streams stay aligned).
-  kept = state.replace(step=step)
-  new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
-  metrics['grad_norm'] = optax.global_norm(grads)
-  metrics['finite'] = finite.astype(jnp.float32)
-  return new_state, metrics
+  return _apply_gradients(state, jax.value_and_grad(loss_fn, has_aux=True)(state.params), optimizer, config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,124 +213,320 @@ def make_segment_fn(model, process, config, sampler: str | None = None, ddim_ste
   return jax.jit(sampling.make_segment_fn(model, process, timesteps)), len(timesteps)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming if possible), then evaluates the best checkpoint on the test split."""
-  process = validate_config(config)
-  check_workdir(workdir)
-  mesh = create_mesh()
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  model = denoiser_lib.build_model(config.model, process.num_stages)
-  optimizer = make_optimizer(config)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, step_rng, eval_rng = jax.random.split(rng, 3)
+@dataclasses.dataclass
+class Phase:
+  """One training phase (phase 0: the segmenter; phase 1: the diffusion model) and how to evaluate it."""
+  name: str
+  directory: str  # checkpoints in <directory>/checkpoints, evaluation in <directory>/eval/<split>
+  num_steps: int
+  eval_every_steps: int
+  checkpoint_every_steps: int
+  init_state: Callable[[], TrainState]
+  step_fn: Callable  # jitted (state, batch, rng) -> (state, metrics)
+  segment: Callable  # jitted (params, images, rng) -> probability
+  nfe: int
+  sampler: str
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  logging.info('stage table: %s', process.describe())
-  train_iter = input_pipeline.create_train_iterator(config)
 
-  abstract_state = jax.eval_shape(lambda: create_train_state(model, config, optimizer, init_rng))
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+@dataclasses.dataclass
+class _Runtime:
+  mesh: Mesh
+  replicated: NamedSharding
+  batch_sharding: NamedSharding
+  writer: Any
+  step_rng: jax.Array
+  eval_rng: jax.Array
+
+
+def _abstract(init_state: Callable[[], TrainState], sharding: NamedSharding):
+  shapes = jax.eval_shape(init_state)
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def _evaluate_phase(phase: Phase, params, config, split: str, out_dir: str | None, step: int,
+                    runtime: _Runtime, max_examples: int, extra: dict | None = None) -> dict:
+  return evaluate_lib.evaluate(phase.segment, params, config, split, out_dir, step=step, nfe=phase.nfe,
+                               sampler=phase.sampler, rng=runtime.eval_rng, max_examples=max_examples,
+                               batch_sharding=runtime.batch_sharding, extra=extra)
+
+
+def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime):
+  """Trains one phase, resuming from its latest checkpoint. Returns (best EMA params, best step) or None
+  when stopped early (signal or max_steps_per_run) after checkpointing."""
+  abstract_state = _abstract(phase.init_state, runtime.replicated)
+  ckpt_dir = os.path.join(phase.directory, 'checkpoints')
   checkpointing.log_half_written(ckpt_dir)
   manager = checkpointing.create_manager(ckpt_dir, keep=config.train.keep_checkpoints)
+  train_iter = input_pipeline.create_train_iterator(config)
   latest = manager.latest_step()
   if latest is not None:
     state, iter_state = checkpointing.restore(manager, latest, abstract_state)
     if iter_state is not None:
       train_iter.set_state(iter_state)
-    logging.info('resuming from checkpoint step %d in %s', latest, ckpt_dir)
-    print(f'Resuming from checkpoint step {latest} in {ckpt_dir}', flush=True)
+    logging.info('%s: resuming from checkpoint step %d in %s', phase.name, latest, ckpt_dir)
+    print(f'Resuming {phase.name} from checkpoint step {latest} in {ckpt_dir}', flush=True)
   else:
-    state = jax.jit(lambda r: create_train_state(model, config, optimizer, r), out_shardings=replicated)(init_rng)
+    state = jax.jit(phase.init_state, out_shardings=runtime.replicated)()
   param_count = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  logging.info('parameters: %d; devices: %d (%s)', param_count, jax.device_count(), jax.devices()[0].device_kind)
+  logging.info('%s: %d parameters; devices: %d (%s)', phase.name, param_count, jax.device_count(),
+               jax.devices()[0].device_kind)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, optimizer=optimizer, process=process, config=config),
-      in_shardings=(replicated, batch_sharding, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=(0,))
-  segment, nfe = make_segment_fn(model, process, config)
-
-  num_steps = config.train.num_steps
-  step = int(state.step)
+  writer, prefix = runtime.writer, '' if phase.name == 'diffusion' else f'{phase.name}/'
+  step = start_step = int(state.step)
+  if step >= phase.num_steps:
+    logging.info('%s: already trained (%d steps)', phase.name, step)
   hooks = []
-  if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+  if jax.process_index() == 0 and step < phase.num_steps:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=phase.num_steps, writer=writer,
                                                  every_steps=config.train.log_every_steps))
-  preempted = None
-  train_metrics = []
+  stopped, train_metrics = None, []
   with _StopRequest() as stop, metric_writers.ensure_flushes(writer):
-    while step < num_steps:
-      batch = _global_batch(next(train_iter), batch_sharding)
-      state, metrics = step_fn(state, batch, step_rng)
+    while step < phase.num_steps:
+      batch = _global_batch(next(train_iter), runtime.batch_sharding)
+      state, metrics = phase.step_fn(state, batch, runtime.step_rng)
       step += 1
       if float(metrics['finite']) == 0.0:
         if config.train.nonfinite == 'stop':
           raise NonFiniteError(
-              f'non-finite loss or gradient at step {step}: training stopped; the latest checkpoint '
-              f'({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip to skip such steps')
-        logging.warning('skipped step %d: non-finite loss or gradient', step)
+              f'{phase.name}: non-finite loss or gradient at step {step}: training stopped; the latest '
+              f'checkpoint ({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip '
+              'to skip such steps')
+        logging.warning('%s: skipped step %d: non-finite loss or gradient', phase.name, step)
       train_metrics.append(metrics)
       for hook in hooks:
         hook(step)
-      if step % config.train.log_every_steps == 0 or step == num_steps:
+      if step % config.train.log_every_steps == 0 or step == phase.num_steps:
         summary = {k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]}
-        writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+        writer.write_scalars(step, {f'{prefix}train/{k}': v for k, v in summary.items()})
         train_metrics = []
-      is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
-      if is_eval:
-        val = evaluate_lib.evaluate(segment, state.ema_params, config, config.data.val_split, None, step=step,
-                                    nfe=nfe, sampler=config.sampling.sampler, rng=eval_rng,
-                                    max_examples=config.data.max_val_examples, batch_sharding=batch_sharding)
-        writer.write_scalars(step, {'val/dice': val['mean']['dice'], 'val/iou': val['mean']['iou']})
-        logging.info('step %d: validation Dice %.4f', step, val['mean']['dice'])
-        checkpointing.save(manager, step, state, train_iter.get_state(), {checkpointing.BEST_METRIC: val['mean']['dice']})
-      elif step % config.train.checkpoint_every_steps == 0:
+      if step % phase.eval_every_steps == 0 or step == phase.num_steps:
+        val = _evaluate_phase(phase, state.ema_params, config, config.data.val_split, None, step, runtime,
+                              config.data.max_val_examples)
+        writer.write_scalars(step, {f'{prefix}val/dice': val['mean']['dice'], f'{prefix}val/iou': val['mean']['iou']})
+        logging.info('%s step %d: validation Dice %.4f', phase.name, step, val['mean']['dice'])
+        checkpointing.save(manager, step, state, train_iter.get_state(),
+                           {checkpointing.BEST_METRIC: val['mean']['dice']})
+      elif step % phase.checkpoint_every_steps == 0:
         checkpointing.save(manager, step, state, train_iter.get_state())
-      if stop.signal_name is not None:
-        checkpointing.save(manager, step, state, train_iter.get_state(), wait=True)
-        preempted = stop.signal_name
+      run_limit = config.train.max_steps_per_run
+      if stop.signal_name is not None or (run_limit > 0 and step - start_step >= run_limit
+                                          and step < phase.num_steps):
+        if manager.latest_step() != step:
+          checkpointing.save(manager, step, state, train_iter.get_state())
+        stopped = stop.signal_name or f'max_steps_per_run={run_limit} reached'
         break
   manager.wait_until_finished()
-  if preempted:
-    message = (f'{preempted} received: saved checkpoint step {step} in {ckpt_dir}; rerun the same command to '
-               'resume')
+  if stopped:
+    message = f'{stopped}: saved {phase.name} checkpoint step {step} in {ckpt_dir}; rerun the same command to resume'
     logging.warning(message)
     print(message, flush=True)
     manager.close()
-    return {'preempted_at_step': step}
-
+    return None
   best = checkpointing.best_step(manager)
   if best != step:
     state, _ = checkpointing.restore(manager, best, abstract_state, with_data_iter=False)
   manager.close()
-  summary = evaluate_lib.evaluate(
-      segment, state.ema_params, config, config.data.test_split,
-      os.path.join(workdir, 'eval', config.data.test_split), step=best, nfe=nfe,
-      sampler=config.sampling.sampler, rng=eval_rng, max_examples=config.data.max_eval_examples,
-      batch_sharding=batch_sharding)
-  writer.write_scalars(best, {'test/dice': summary['mean']['dice']})
-  print(f"Test Dice {summary['mean']['dice']:.4f} (checkpoint step {best}, {nfe} NFE/image); "
-        f"wrote {os.path.join(workdir, 'eval', config.data.test_split, 'summary.json')}", flush=True)
+  return state.ema_params, best
+
+
+def _make_runtime(config: ml_collections.ConfigDict, workdir: str) -> _Runtime:
+  mesh = create_mesh()
+  _, step_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  return _Runtime(mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data')), writer, step_rng, eval_rng)
+
+
+def _init_rng(config: ml_collections.ConfigDict, phase_index: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.split(jax.random.PRNGKey(config.seed), 3)[0], phase_index)
+
+
+def _phase_settings(config, directory: str, name: str, pre: bool) -> dict:
+  section = config.pretrain if pre else config.train
+  return dict(name=name, directory=directory, num_steps=section.num_steps,
+              eval_every_steps=section.eval_every_steps if pre else config.train.eval_every_steps,
+              checkpoint_every_steps=config.train.checkpoint_every_steps)
+
+
+def segmenter_phase(config: ml_collections.ConfigDict, workdir: str, runtime: _Runtime) -> Phase:
+  segmenter = pretrain.build_segmenter(config)
+  optimizer = pretrain.make_optimizer(config)
+  init_rng = _init_rng(config, 0)
+
+  def init_state():
+    params = pretrain.init_params(segmenter, config, init_rng)
+    params = _with_external_encoder(params, config)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      ema_params=params)
+
+  def step(state, batch, base_rng):
+    del base_rng  # the segmenter's step is deterministic given the batch
+
+    def loss_fn(params):
+      loss, metrics = pretrain.segmentation_loss(segmenter.apply(params, batch['image'], train=True), batch['mask'])
+      return _inject_nonfinite(loss, state, config), metrics
+    return _apply_gradients(state, jax.value_and_grad(loss_fn, has_aux=True)(state.params), optimizer, config)
+
+  jitted = jax.jit(step, in_shardings=(runtime.replicated, runtime.batch_sharding, runtime.replicated),
+                   out_shardings=(runtime.replicated, runtime.replicated), donate_argnums=(0,))
+  return Phase(**_phase_settings(config, os.path.join(workdir, 'pretrain'), 'pretrain', True),
+               init_state=init_state, step_fn=jitted, segment=jax.jit(pretrain.make_segment_fn(segmenter)),
+               nfe=1, sampler='segmenter')
+
+
+def _with_external_encoder(params, config):
+  """Starts the encoder from a local weight file when `config.pretrain.external_weights` names one."""
+  if not config.pretrain.external_weights:
+    return params
+  from unisegdiff_jax import weights  # pylint: disable=g-import-not-at-top
+  encoder = weights.load_encoder_weights(config.pretrain.external_weights, params['params']['encoder'],
+                                         config.pretrain.weights_name_map or None)
+  return {**params, 'params': {**params['params'], 'encoder': encoder}}
+
+
+def _inject_nonfinite(loss, state, config):
+  if config.train.debug_nonfinite_step > 0:  # fault injection for the tests of the non-finite policy
+    loss = loss * jnp.where(state.step + 1 == config.train.debug_nonfinite_step, jnp.nan, 1.0)
+  return loss
+
+
+def _apply_gradients(state: TrainState, loss_and_grads, optimizer, config):
+  (loss, metrics), grads = loss_and_grads
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  step = state.step + 1
+  decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
+  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  new_state = TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema)
+  # A non-finite step only advances the step counter (so the data and rng streams stay aligned).
+  kept = state.replace(step=step)
+  new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['finite'] = finite.astype(jnp.float32)
+  return new_state, metrics
+
+
+def diffusion_parts(config: ml_collections.ConfigDict, process: diffusion.StagedDiffusion):
+  """(model, optimizer, pretrained subtree names) of phase 1 under the config's pre-training mode."""
+  pre = config.pretrain
+  uses_pretrained = pre.enabled or bool(pre.checkpoint)
+  coarse_width = pre.decoder_width if (uses_pretrained and pre.coarse_logits) else 0
+  model = denoiser_lib.build_model(config.model, process.num_stages,
+                                   freeze_encoder=uses_pretrained and pre.encoder_mode == 'frozen',
+                                   coarse_logits_decoder_width=coarse_width)
+  names = (('encoder', 'decoder') if coarse_width else ('encoder',)) if uses_pretrained else ()
+  return model, make_optimizer(config, pretrained_names=names), names
+
+
+def diffusion_phase(config: ml_collections.ConfigDict, workdir: str, runtime: _Runtime,
+                    process: diffusion.StagedDiffusion, pretrained_params=None) -> Phase:
+  model, optimizer, names = diffusion_parts(config, process)
+  init_rng = _init_rng(config, 1)
+
+  def init_state():
+    params = init_params(model, config, init_rng)
+    if pretrained_params is not None:
+      params = pretrain.with_pretrained(params, pretrained_params, names)
+    elif not names:
+      params = _with_external_encoder(params, config)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      ema_params=params)
+
+  jitted = jax.jit(
+      functools.partial(train_step, model=model, optimizer=optimizer, process=process, config=config),
+      in_shardings=(runtime.replicated, runtime.batch_sharding, runtime.replicated),
+      out_shardings=(runtime.replicated, runtime.replicated), donate_argnums=(0,))
+  segment, nfe = make_segment_fn(model, process, config)
+  return Phase(**_phase_settings(config, workdir, 'diffusion', False), init_state=init_state, step_fn=jitted,
+               segment=segment, nfe=nfe, sampler=config.sampling.sampler)
+
+
+def _load_external_segmenter(config: ml_collections.ConfigDict, runtime: _Runtime, phase: Phase):
+  """Best EMA params of an existing phase-0 run (`config.pretrain.checkpoint`: a workdir or its
+  pretrain/ or pretrain/checkpoints/ directory) and its step."""
+  path = os.path.abspath(config.pretrain.checkpoint)
+  for candidate in (path, os.path.join(path, 'checkpoints'), os.path.join(path, 'pretrain', 'checkpoints')):
+    if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+      manager = checkpointing.create_manager(candidate, keep=config.train.keep_checkpoints)
+      best = checkpointing.best_step(manager)
+      state, _ = checkpointing.restore(manager, best, _abstract(phase.init_state, runtime.replicated),
+                                       with_data_iter=False)
+      manager.close()
+      print(f'Using the pre-trained encoder of {candidate} (step {best})', flush=True)
+      return state.ema_params, best
+  raise checkpointing.CheckpointError(
+      f'config.pretrain.checkpoint={config.pretrain.checkpoint}: no phase-0 checkpoint found there')
+
+
+def _cached_summary(path: str, step: int) -> dict | None:
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+    if summary.get('checkpoint_step') == step:
+      return summary
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Phase 0 (segmenter pre-training, unless disabled), phase 1 (diffusion), then test evaluation.
+
+  Rerunning skips finished phases and resumes an unfinished one from its latest checkpoint.
+  """
+  process = validate_config(config)
+  check_workdir(workdir)
+  runtime = _make_runtime(config, workdir)
+  logging.info('stage table: %s', process.describe())
+  split = config.data.test_split
+
+  pretrained, segmenter_summary = None, None
+  if config.pretrain.enabled or config.pretrain.checkpoint:
+    seg_phase = segmenter_phase(config, workdir, runtime)
+    if config.pretrain.checkpoint:
+      result = _load_external_segmenter(config, runtime, seg_phase)
+    else:
+      result = run_phase(seg_phase, config, runtime)
+      if result is None:
+        return {'stopped_in': 'pretrain'}
+    pretrained, seg_step = result
+    seg_dir = os.path.join(seg_phase.directory, 'eval', split)
+    segmenter_summary = _cached_summary(os.path.join(seg_dir, 'summary.json'), seg_step) or _evaluate_phase(
+        seg_phase, pretrained, config, split, seg_dir, seg_step, runtime, config.data.max_eval_examples)
+    print(f"Pre-trained segmenter: test Dice {segmenter_summary['mean']['dice']:.4f} (step {seg_step})", flush=True)
+
+  phase = diffusion_phase(config, workdir, runtime, process, pretrained)
+  result = run_phase(phase, config, runtime)
+  if result is None:
+    return {'stopped_in': 'diffusion'}
+  params, best = result
+  out_dir = os.path.join(workdir, 'eval', split)
+  extra = {'stage_table': process.describe(),
+           'pretrain_mode': ((('external ' if config.pretrain.checkpoint else '') + config.pretrain.encoder_mode)
+                             if segmenter_summary is not None else 'none (encoder trained jointly)')}
+  if segmenter_summary is not None:
+    extra['pretrained_segmenter'] = {k: segmenter_summary[k] for k in ('datasets', 'mean', 'checkpoint_step')}
+  summary = _evaluate_phase(phase, params, config, split, out_dir, best, runtime, config.data.max_eval_examples,
+                            extra=extra)
+  runtime.writer.write_scalars(best, {'test/dice': summary['mean']['dice']})
+  print(f"Test Dice {summary['mean']['dice']:.4f} (checkpoint step {best}, {phase.nfe} NFE/image); "
+        f"wrote {os.path.join(out_dir, 'summary.json')}", flush=True)
   return summary
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
                         split: str | None = None) -> dict:
-  """`--mode=eval`: evaluates a checkpoint (best by validation Dice unless a step is given)."""
+  """`--mode=eval`: evaluates a diffusion checkpoint (best by validation Dice unless a step is given)."""
   process = validate_config(config)
-  mesh = create_mesh()
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  model = denoiser_lib.build_model(config.model, process.num_stages)
-  optimizer = make_optimizer(config)
-  init_rng, _, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  abstract_state = jax.eval_shape(lambda: create_train_state(model, config, optimizer, init_rng))
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  runtime = _make_runtime(config, workdir)
+  phase = diffusion_phase(config, workdir, runtime, process)
+  params, step = load_params(config, workdir, phase, runtime, checkpoint_step)
+  split = split or config.data.test_split
+  return _evaluate_phase(phase, params, config, split, os.path.join(workdir, 'eval', split), step, runtime,
+                         config.data.max_eval_examples)
+
+
+def load_params(config, workdir: str, phase: Phase, runtime: _Runtime, checkpoint_step: int | None = None):
+  """EMA params of a phase's checkpoint (best by validation Dice unless a step is given) and the step."""
+  ckpt_dir = os.path.join(phase.directory, 'checkpoints')
   manager = checkpointing.create_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   step = checkpoint_step if checkpoint_step is not None else checkpointing.best_step(manager)
   if step is None:
@@ -334,11 +534,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, chec
   if step not in manager.all_steps():
     raise checkpointing.CheckpointError(
         f'no checkpoint step {step} in {ckpt_dir} (kept steps: {list(manager.all_steps())})')
-  state, _ = checkpointing.restore(manager, step, abstract_state, with_data_iter=False)
+  state, _ = checkpointing.restore(manager, step, _abstract(phase.init_state, runtime.replicated),
+                                   with_data_iter=False)
   manager.close()
-  segment, nfe = make_segment_fn(model, process, config)
-  split = split or config.data.test_split
-  return evaluate_lib.evaluate(
-      segment, state.ema_params, config, split, os.path.join(workdir, 'eval', split), step=step, nfe=nfe,
-      sampler=config.sampling.sampler, rng=eval_rng, max_examples=config.data.max_eval_examples,
-      batch_sharding=batch_sharding)
+  return state.ema_params, step

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from unisegdiff_jax.models import layers
 from unisegdiff_jax.models.encoder import ConditioningEncoder
+from unisegdiff_jax.models.segmenter import SegmentationDecoder, Segmenter
 
 
 class Denoiser(nn.Module):
@@ -84,26 +86,51 @@ class Denoiser(nn.Module):
 
 
 class UniSegDiffModel(nn.Module):
-  """Conditioning encoder + denoiser. `encode` runs once per image; `denoise` once per sampler step."""
+  """Conditioning encoder + denoiser. `encode` runs once per image; `denoise` once per sampler step.
+
+  `freeze_encoder` stops gradients at the encoder output (phase 1 with a frozen pre-trained encoder, so
+  no encoder backward pass is computed). With a `decoder` (the phase-0 segmentation head) the segmenter's
+  coarse logits become an extra input channel of the denoiser.
+  """
   encoder: ConditioningEncoder
   denoiser: Denoiser
+  decoder: Optional[SegmentationDecoder] = None
+  freeze_encoder: bool = False
 
   def encode(self, image, *, train: bool = False):
-    return self.encoder(image, train=train)
+    features = self.encoder(image, train=train)
+    coarse = self.decoder(features, train=train) if self.decoder is not None else None
+    if self.freeze_encoder:
+      features = jax.lax.stop_gradient(features)
+      coarse = jax.lax.stop_gradient(coarse) if coarse is not None else None
+    return {'features': features, 'coarse_logits': coarse}
 
-  def denoise(self, features, x_t, t, stage_id, *, train: bool = False):
-    return self.denoiser(x_t, t, stage_id, features, train=train)
+  def denoise(self, conditioning, x_t, t, stage_id, *, train: bool = False):
+    coarse = conditioning['coarse_logits']
+    if coarse is not None:
+      x_t = jnp.concatenate([x_t, jnp.tanh(coarse * 0.5)], axis=-1)  # tanh(l/2) = 2 sigmoid(l) - 1
+    return self.denoiser(x_t, t, stage_id, conditioning['features'], train=train)
 
   def __call__(self, image, x_t, t, stage_id, *, train: bool = False):
     return self.denoise(self.encode(image, train=train), x_t, t, stage_id, train=train)
 
 
-def build_model(model_config: ml_collections.ConfigDict, num_stages: int) -> UniSegDiffModel:
-  dtype = jnp.dtype(model_config.dtype)
-  encoder = ConditioningEncoder(
+def build_encoder(model_config: ml_collections.ConfigDict) -> ConditioningEncoder:
+  return ConditioningEncoder(
       widths=tuple(model_config.encoder.widths),
       blocks_per_scale=model_config.encoder.blocks_per_scale,
-      num_groups=model_config.num_groups, dtype=dtype)
+      num_groups=model_config.num_groups, dtype=jnp.dtype(model_config.dtype))
+
+
+def build_segmenter(model_config: ml_collections.ConfigDict, decoder_width: int) -> Segmenter:
+  decoder = SegmentationDecoder(decoder_width, model_config.num_groups, dtype=jnp.dtype(model_config.dtype))
+  return Segmenter(encoder=build_encoder(model_config), decoder=decoder)
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_stages: int, *, freeze_encoder: bool = False,
+                coarse_logits_decoder_width: int = 0) -> UniSegDiffModel:
+  """The diffusion model; `coarse_logits_decoder_width` > 0 adds the phase-0 decoder as an input."""
+  dtype = jnp.dtype(model_config.dtype)
   denoiser = Denoiser(
       base_width=model_config.denoiser.base_width,
       channel_mult=tuple(model_config.denoiser.channel_mult),
@@ -114,4 +141,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_stages: int) -> Uni
       num_stages=num_stages,
       dropout=model_config.denoiser.dropout,
       dtype=dtype)
-  return UniSegDiffModel(encoder=encoder, denoiser=denoiser)
+  decoder = (SegmentationDecoder(coarse_logits_decoder_width, model_config.num_groups, dtype=dtype)
+             if coarse_logits_decoder_width > 0 else None)
+  return UniSegDiffModel(encoder=build_encoder(model_config), denoiser=denoiser, decoder=decoder,
+                         freeze_encoder=freeze_encoder)

@@ -1,0 +1,183 @@
+"""Training step, checkpoint round trip (with the data iterator), 1-vs-8-device equality, validation."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from unisegdiff_jax import checkpointing
+from unisegdiff_jax import diffusion
+from unisegdiff_jax import input_pipeline
+from unisegdiff_jax import train
+from unisegdiff_jax.models import denoiser as denoiser_lib
+
+
+def _setup(config):
+  process = train.validate_config(config)
+  model = denoiser_lib.build_model(config.model, process.num_stages)
+  optimizer = train.make_optimizer(config)
+  state = train.create_train_state(model, config, optimizer, jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer, process=process,
+                                   config=config))
+  return process, model, optimizer, state, step
+
+
+def _fixed_batch(config, seed=0):
+  size, batch = config.data.image_size, config.train.global_batch_size
+  rng = np.random.RandomState(seed)
+  mask = np.zeros((batch, size, size, 1), np.float32)
+  for i in range(batch):
+    r, c = rng.randint(4, size - 12, size=2)
+    mask[i, r:r + 10, c:c + 10] = 1
+  image = np.concatenate([mask * 1.6 - 0.8 + 0.1 * rng.randn(batch, size, size, 1)] * 3, axis=-1)
+  return {'image': jnp.asarray(image, jnp.float32), 'mask': jnp.asarray(mask)}
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(smoke_config):
+  config = smoke_config
+  config.optim.warmup_steps = 1
+  config.train.num_steps = 60
+  config.optim.learning_rate = 3e-3
+  _, _, _, state, step = _setup(config)
+  batch = _fixed_batch(config)
+  rng = jax.random.PRNGKey(7)
+
+  def eval_loss(s):  # the same timesteps and noise every time: fold_in of a fixed step
+    _, metrics = step(s.replace(step=jnp.zeros((), jnp.int32)), batch, rng)
+    return float(metrics['loss'])
+
+  before = eval_loss(state)
+  for _ in range(40):
+    state, metrics = step(state, batch, rng)
+  after = eval_loss(state)
+  assert after < 0.7 * before, (before, after)
+  assert float(metrics['finite']) == 1.0
+
+
+def test_nonfinite_step_is_not_applied(smoke_config):
+  config = smoke_config
+  config.train.debug_nonfinite_step = 2
+  _, _, _, state, step = _setup(config)
+  batch = _fixed_batch(config)
+  state1, m1 = step(state, batch, jax.random.PRNGKey(0))
+  state2, m2 = step(state1, batch, jax.random.PRNGKey(0))
+  assert float(m1['finite']) == 1.0 and float(m2['finite']) == 0.0
+  assert int(state2.step) == 2
+  for a, b in zip(jax.tree_util.tree_leaves(state1.params), jax.tree_util.tree_leaves(state2.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_round_trip_includes_the_data_iterator(smoke_config, tmp_path):
+  config = smoke_config
+  _, _, _, state, _ = _setup(config)
+  iterator = input_pipeline.create_train_iterator(config)
+  next(iterator)
+  next(iterator)
+  manager = checkpointing.create_manager(str(tmp_path / 'ckpt'), keep=2)
+  checkpointing.save(manager, 2, state, iterator.get_state(), {'val_dice': 0.5}, wait=True)
+  expected_next = next(iterator)
+
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  restored, iter_state = checkpointing.restore(manager, 2, abstract)
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  fresh = input_pipeline.create_train_iterator(config)
+  fresh.set_state(iter_state)
+  got = next(fresh)
+  np.testing.assert_array_equal(got['image'], expected_next['image'])
+  np.testing.assert_array_equal(got['mask'], expected_next['mask'])
+  assert manager.metrics(2)['val_dice'] == 0.5
+
+
+def test_preservation_keeps_latest_and_best(smoke_config, tmp_path):
+  _, _, _, state, _ = _setup(smoke_config)
+  manager = checkpointing.create_manager(str(tmp_path / 'ckpt'), keep=2, async_save=False)
+  for step, dice in [(1, 0.2), (2, 0.9), (3, 0.3), (4, 0.4), (5, 0.1)]:
+    checkpointing.save(manager, step, state, None, {'val_dice': dice})
+  assert sorted(manager.all_steps()) == [2, 4, 5]
+  assert checkpointing.best_step(manager) == 2
+
+
+def test_restore_refuses_an_incompatible_config(smoke_config, tmp_path):
+  _, _, _, state, _ = _setup(smoke_config)
+  manager = checkpointing.create_manager(str(tmp_path / 'ckpt'), async_save=False)
+  checkpointing.save(manager, 1, state)
+  smoke_config.model.denoiser.base_width = 16
+  _, _, _, other, _ = _setup(smoke_config)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other)
+  with pytest.raises(checkpointing.CheckpointError, match='does not fit this config: params/') as err:
+    checkpointing.restore(manager, 1, abstract)
+  assert '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('data.image_size', 36, 'cannot be halved 3 times'),
+    ('train.global_batch_size', 0, 'not divisible'),
+    ('diffusion.stages', '0:500 eps', 'tile [0, 1000)'),
+    ('diffusion.stages', '0:1000 noise', 'unknown target'),
+    ('train.nonfinite', 'ignore', 'use stop or skip'),
+    ('data.mixture_weights', '1,2', 'needs 1 non-negative weights'),
+])
+def test_config_validation_gives_one_line(smoke_config, field, value, message):
+  section, key = field.split('.')
+  smoke_config[section][key] = value
+  with pytest.raises(ValueError, match=None) as err:
+    train.validate_config(smoke_config)
+  assert message in str(err.value) and '\n' not in str(err.value)
+
+
+def test_batch_must_divide_the_device_count(smoke_config):
+  smoke_config.train.global_batch_size = 12
+  with pytest.raises(train.ConfigError, match='not divisible by the 8 devices'):
+    train.validate_config(smoke_config, num_devices=8)
+
+
+_DEVICE_SCRIPT = r'''
+import functools, json, os, sys
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from configs import synthetic
+from tests.test_train import _fixed_batch
+from unisegdiff_jax import train
+from unisegdiff_jax.models import denoiser as denoiser_lib
+config = synthetic.get_config('smoke')
+process = train.validate_config(config)
+model = denoiser_lib.build_model(config.model, process.num_stages)
+optimizer = train.make_optimizer(config)
+mesh = train.create_mesh()
+rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+state = jax.jit(lambda r: train.create_train_state(model, config, optimizer, r), out_shardings=rep)(jax.random.PRNGKey(0))
+step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer, process=process, config=config),
+               in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+batch = jax.device_put(_fixed_batch(config), data)
+losses = []
+for _ in range(3):
+  state, metrics = step(state, batch, jax.random.PRNGKey(1))
+  losses.append(float(metrics['loss']))
+leaf = jax.tree_util.tree_leaves(state.params)[0]
+print(json.dumps({{'devices': jax.device_count(), 'losses': losses,
+                  'param_sum': float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(state.params)))}}))
+'''
+
+
+def _run_on_devices(count):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={count}', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _DEVICE_SCRIPT.format(root=ROOT)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_one_and_eight_devices_give_the_same_loss():
+  one, eight = _run_on_devices(1), _run_on_devices(8)
+  assert one['devices'] == 1 and eight['devices'] == 8
+  np.testing.assert_allclose(one['losses'], eight['losses'], rtol=2e-5)
+  np.testing.assert_allclose(one['param_sum'], eight['param_sum'], rtol=2e-5)
