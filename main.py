@@ -1,6 +1,8 @@
 """unisegdiff_jax entry point: `python main.py --config=configs/synthetic.py --workdir=runs/synthetic`.
 
-Modes: train (then a final test evaluation), eval (a checkpoint on a split).
+Modes: train (then a final test evaluation), eval (a checkpoint on a split), predict (segment image files:
+--input=FILE_OR_FOLDER --output=DIR), sweep (Dice against sampling budget: --sweep=staged,ddim:10,ddpm:50
+--ensemble_sizes=1,3).
 """
 
 import logging as std_logging
@@ -14,10 +16,17 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation outputs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: train then evaluate on the test split; '
-                  'eval: evaluate a checkpoint.')
-flags.DEFINE_integer('checkpoint_step', None, 'eval: the checkpoint step (default: best by validation Dice).')
-flags.DEFINE_string('split', None, 'eval: the split to evaluate (default: config.data.test_split).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'sweep'],
+                  'train: train then evaluate on the test split; eval: evaluate a checkpoint; predict: segment '
+                  'image files; sweep: evaluate a checkpoint with several samplers, budgets and ensemble sizes.')
+flags.DEFINE_integer('checkpoint_step', None,
+                     'eval/predict/sweep: the checkpoint step (default: best by validation Dice).')
+flags.DEFINE_string('split', None, 'eval/sweep: the split to evaluate (default: config.data.test_split).')
+flags.DEFINE_string('input', None, 'predict: an image file or a folder of images.')
+flags.DEFINE_string('output', None, 'predict: the folder for the masks, probabilities, uncertainty and overlays.')
+flags.DEFINE_string('sweep', 'staged,ddim:5,ddim:10,ddim:25,ddim:100,ddpm:50',
+                    'sweep: comma-separated samplers with budgets (staged, ddim:N, ddpm:N).')
+flags.DEFINE_string('ensemble_sizes', '1', 'sweep: comma-separated ensemble sizes, e.g. 1,3,5.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (file.py or file.py:args).',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -58,6 +67,16 @@ def main(argv):
                  jax.local_devices())
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'predict':
+      if not FLAGS.input or not FLAGS.output:
+        raise app.UsageError('--mode=predict needs --input=FILE_OR_FOLDER and --output=DIR')
+      from unisegdiff_jax import predict  # pylint: disable=g-import-not-at-top
+      sys.exit(predict.run_predict(FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output,
+                                   checkpoint_step=FLAGS.checkpoint_step))
+    elif FLAGS.mode == 'sweep':
+      from unisegdiff_jax import sweep  # pylint: disable=g-import-not-at-top
+      sweep.run_sweep(FLAGS.config, FLAGS.workdir, spec=FLAGS.sweep, ensemble_sizes=FLAGS.ensemble_sizes,
+                      checkpoint_step=FLAGS.checkpoint_step, split=FLAGS.split)
     else:
       train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, checkpoint_step=FLAGS.checkpoint_step,
                                 split=FLAGS.split)

@@ -73,8 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sampling used by validation and evaluation.
   config.sampling = ml_collections.ConfigDict()
-  config.sampling.sampler = 'staged'  # staged | ddim
+  config.sampling.sampler = 'staged'  # staged | ddim | ddpm
   config.sampling.ddim_steps = 100
+  config.sampling.ddpm_steps = 100  # ddpm: ancestral (eta = 1) steps over an evenly spaced subsequence
+  config.sampling.ensemble_size = 1  # K samples per image in one batched call (NFE per image = K * steps)
+  config.sampling.fusion = 'mean'  # mean | vote | staple: how the K samples are fused
   config.sampling.threshold = 0.5
   config.sampling.batch_size = 32
 

@@ -50,7 +50,8 @@ def test_rerun_resumes_from_the_latest_checkpoint(smoke_run):
   workdir, args, _ = smoke_run
   second = _main(*args, '--config.train.num_steps=30')
   assert second.returncode == 0, second.stderr[-4000:]
-  assert 'Resuming from checkpoint step 20' in second.stdout
+  assert 'Resuming diffusion from checkpoint step 20' in second.stdout
+  assert 'pretrain: already trained' in second.stderr or 'Resuming pretrain' in second.stdout
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '30'))
 
 

@@ -9,6 +9,7 @@ crash mid-save leaves no half-written step that a restart would pick up.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Any, Optional
@@ -39,18 +40,75 @@ def create_manager(directory: str, *, keep: int = 2, async_save: bool = True) ->
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=_best_metric, best_mode='max', create=True,
       enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data_iter'))
+  # Handlers named up front: a fresh manager (a restart) can then read the stored shapes (item_metadata)
+  # that `restore` checks before it restores.
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'data_iter': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter_state: Optional[dict] = None,
          metrics: Optional[dict] = None, *, wait: bool = False) -> None:
+  """Starts (async) or writes a checkpoint step; a failed write raises CheckpointError (one line)."""
+  wait_until_finished(manager)  # a failed earlier async save is reported under its own step
   items = {'state': ocp.args.StandardSave(state)}
   if data_iter_state is not None:
     items['data_iter'] = ocp.args.JsonSave(data_iter_state)
-  manager.save(step, args=ocp.args.Composite(**items),
-               metrics={k: float(v) for k, v in (metrics or {}).items()} or None, force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(**items),
+                 metrics={k: float(v) for k, v in (metrics or {}).items()} or None, force=True)
+  except _WRITE_ERRORS as err:
+    raise _write_error(manager, step, err) from err
   if wait:
+    wait_until_finished(manager)
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for a pending async save; its failure (a full disk, an I/O error) raises CheckpointError."""
+  pending = set(manager.all_steps())
+  try:
     manager.wait_until_finished()
+  except _WRITE_ERRORS as err:
+    lost = sorted(pending - set(manager.all_steps()))  # orbax forgets the step whose save failed
+    raise _write_error(manager, lost[-1] if lost else None, err) from err
+
+
+# OSError from plain files; tensorstore reports a full disk as ValueError ("RESOURCE_EXHAUSTED: ... No space
+# left on device [os_error_code='28']").
+_WRITE_ERRORS = (OSError, ValueError)
+
+
+def _is_disk_full(err: BaseException) -> bool:
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+      return True
+    if 'No space left on device' in str(err) or "os_error_code='28'" in str(err):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
+
+
+def _complete_steps(directory: str) -> list[int]:
+  """Steps on disk that orbax finished (renamed from their temporary directory)."""
+  try:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  except OSError:
+    return []
+
+
+def _write_error(manager: ocp.CheckpointManager, step: Optional[int], err: BaseException) -> CheckpointError:
+  directory = str(manager.directory)
+  earlier = [s for s in _complete_steps(directory) if step is None or s < step]
+  intact, rerun = ((f'the previous checkpoint step {earlier[-1]} is intact', 'rerun the same command to resume')
+                   if earlier else ('no earlier checkpoint exists', 'rerun the same command'))
+  what = f'checkpoint step {step}' if step is not None else 'a checkpoint'
+  if _is_disk_full(err):
+    problem, fix = 'no space left on device', 'free disk space'
+  else:
+    detail = ' '.join(str(err).split())[:300]
+    problem, fix = f'{type(err).__name__}: {detail}', 'fix that'
+  return CheckpointError(f'{problem} while writing {what} to {directory}; {intact}: {fix}, then {rerun}')
 
 
 def _path_name(path) -> str:

@@ -37,6 +37,9 @@ def predict_probabilities(segment: Callable, params, cases: Sequence[input_pipel
   size = config.data.image_size
   batch_size = config.sampling.batch_size
   out, seconds = [], 0.0
+  warm_up = jnp.zeros((batch_size, size, size, 3), jnp.float32)
+  warm_up = warm_up if batch_sharding is None else jax.device_put(warm_up, batch_sharding)
+  jax.block_until_ready(segment(params, warm_up, rng))  # compile outside the timed region
   for index, chunk in enumerate(input_pipeline.batched(list(cases), batch_size)):
     images = np.zeros((batch_size, size, size, 3), np.float32)
     for i, case in enumerate(chunk):
@@ -115,18 +118,22 @@ def write_overlay_grid(path: str, cases: Sequence[input_pipeline.EvalCase],
 
 def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split: str, out_dir: str | None,
              *, step: int, nfe: int, sampler: str, rng: jax.Array, max_examples: int = 0,
-             batch_sharding=None, extra: dict | None = None) -> dict:
+             batch_sharding=None, extra: dict | None = None, ensemble_size: int = 1,
+             threshold: float | None = None) -> dict:
   """Evaluates `segment` on `split` of every configured dataset; writes files when out_dir is given.
 
-  `extra` fields are added to the summary (e.g. the pre-trained segmenter's block).
+  `extra` fields are added to the summary (e.g. the pre-trained segmenter's block). `threshold` turns the
+  (fused) probability into the mask (default config.sampling.threshold; ensemble.mask_threshold for vote /
+  staple fusion); `ensemble_size` is recorded in the summary.
   """
+  threshold = config.sampling.threshold if threshold is None else threshold
   cases_by_dataset = input_pipeline.eval_cases(config, split, max_examples)
   rows_by_dataset, all_rows, overlay_cases, overlay_probs = {}, [], [], []
   seconds_total, count = 0.0, 0
   per_dataset_overlays = max(1, config.train.num_overlay_cases // max(len(cases_by_dataset), 1))
   for name, cases in cases_by_dataset.items():
     probs, seconds = predict_probabilities(segment, params, cases, config, rng, batch_sharding=batch_sharding)
-    rows = score_cases(cases, probs, config.sampling.threshold)
+    rows = score_cases(cases, probs, threshold)
     rows_by_dataset[name] = rows
     all_rows.extend(rows)
     seconds_total += seconds * len(cases)
@@ -135,7 +142,7 @@ def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split
     overlay_probs.extend(probs[:per_dataset_overlays])
   summary = summarise(rows_by_dataset)
   summary.update({
-      'split': split, 'sampler': sampler, 'nfe_per_image': int(nfe), 'ensemble_size': 1,
+      'split': split, 'sampler': sampler, 'nfe_per_image': int(nfe), 'ensemble_size': int(ensemble_size),
       'seconds_per_image': seconds_total / max(count, 1), 'checkpoint_step': int(step),
       'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
   })
@@ -146,5 +153,5 @@ def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split
       json.dump(summary, f, indent=2)
     write_per_case_csv(os.path.join(out_dir, 'per_case.csv'), all_rows)
     write_overlay_grid(os.path.join(out_dir, 'overlays.png'), overlay_cases, overlay_probs,
-                       config.sampling.threshold)
+                       threshold)
   return summary

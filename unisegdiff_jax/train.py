@@ -26,11 +26,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unisegdiff_jax import checkpointing
 from unisegdiff_jax import diffusion
+from unisegdiff_jax import ensemble
 from unisegdiff_jax import evaluate as evaluate_lib
 from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import losses
 from unisegdiff_jax import pretrain
-from unisegdiff_jax import sampling
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 
@@ -84,8 +84,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if config.diffusion.timestep_sampling not in ('uniform', 'balanced'):
     raise ConfigError(f"config.diffusion.timestep_sampling='{config.diffusion.timestep_sampling}': "
                       'use uniform or balanced')
-  if config.sampling.sampler not in ('staged', 'ddim'):
-    raise ConfigError(f"config.sampling.sampler='{config.sampling.sampler}': use staged or ddim")
+  try:
+    ensemble.settings_from_config(config)  # sampler (staged | ddim | ddpm), its steps, ensemble_size, fusion
+  except ensemble.EnsembleConfigError as err:
+    raise ConfigError(str(err)) from None
   for dim in config.model.denoiser.attention_levels:
     if not 0 <= dim < levels:
       raise ConfigError(f'config.model.denoiser.attention_levels has level {dim}; levels are 0..{levels - 1}')
@@ -146,11 +148,6 @@ def create_train_state(model, config: ml_collections.ConfigDict, optimizer, rng:
                     ema_params=params)
 
 
-def _all_finite(tree) -> jnp.ndarray:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-  return jnp.all(jnp.stack(leaves))
-
-
 def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model, optimizer,
                process: diffusion.StagedDiffusion, config: ml_collections.ConfigDict):
   """One optimiser step on a (sharded) global batch. Non-finite updates are never applied."""
@@ -208,9 +205,11 @@ class _StopRequest:
 
 
 def make_segment_fn(model, process, config, sampler: str | None = None, ddim_steps: int | None = None):
-  sampler = sampler or config.sampling.sampler
-  timesteps = sampling.sampler_timesteps(process, sampler, ddim_steps or config.sampling.ddim_steps)
-  return jax.jit(sampling.make_segment_fn(model, process, timesteps)), len(timesteps)
+  """(segment, NFE per image) for config.sampling: sampler, its steps and the ensemble (K members in one
+  batched call, fused by config.sampling.fusion; NFE counts every member)."""
+  settings = ensemble.settings_from_config(config, sampler=sampler, num_steps=ddim_steps)
+  segment, _, nfe = ensemble.make_segment_fn(model, process, settings)
+  return segment, nfe
 
 
 @dataclasses.dataclass
@@ -226,6 +225,8 @@ class Phase:
   segment: Callable  # jitted (params, images, rng) -> probability
   nfe: int
   sampler: str
+  ensemble_size: int = 1
+  threshold: float | None = None  # None: config.sampling.threshold
 
 
 @dataclasses.dataclass
@@ -247,7 +248,8 @@ def _evaluate_phase(phase: Phase, params, config, split: str, out_dir: str | Non
                     runtime: _Runtime, max_examples: int, extra: dict | None = None) -> dict:
   return evaluate_lib.evaluate(phase.segment, params, config, split, out_dir, step=step, nfe=phase.nfe,
                                sampler=phase.sampler, rng=runtime.eval_rng, max_examples=max_examples,
-                               batch_sharding=runtime.batch_sharding, extra=extra)
+                               batch_sharding=runtime.batch_sharding, extra=extra,
+                               ensemble_size=phase.ensemble_size, threshold=phase.threshold)
 
 
 def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime):
@@ -287,6 +289,7 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
       step += 1
       if float(metrics['finite']) == 0.0:
         if config.train.nonfinite == 'stop':
+          checkpointing.wait_until_finished(manager)  # the last good checkpoint must finish writing first
           raise NonFiniteError(
               f'{phase.name}: non-finite loss or gradient at step {step}: training stopped; the latest '
               f'checkpoint ({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip '
@@ -315,7 +318,7 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
           checkpointing.save(manager, step, state, train_iter.get_state())
         stopped = stop.signal_name or f'max_steps_per_run={run_limit} reached'
         break
-  manager.wait_until_finished()
+  checkpointing.wait_until_finished(manager)  # a failed async save: CheckpointError, one line
   if stopped:
     message = f'{stopped}: saved {phase.name} checkpoint step {step} in {ckpt_dir}; rerun the same command to resume'
     logging.warning(message)
@@ -396,12 +399,14 @@ def _apply_gradients(state: TrainState, loss_and_grads, optimizer, config):
   step = state.step + 1
   decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  grad_norm = optax.tree.norm(grads)
+  # One global norm catches any NaN/Inf gradient (per-leaf isfinite reductions made XLA's CPU compile 5x slower).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema)
   # A non-finite step only advances the step counter (so the data and rng streams stay aligned).
   kept = state.replace(step=step)
   new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
-  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['grad_norm'] = grad_norm
   metrics['finite'] = finite.astype(jnp.float32)
   return new_state, metrics
 
@@ -437,8 +442,10 @@ def diffusion_phase(config: ml_collections.ConfigDict, workdir: str, runtime: _R
       in_shardings=(runtime.replicated, runtime.batch_sharding, runtime.replicated),
       out_shardings=(runtime.replicated, runtime.replicated), donate_argnums=(0,))
   segment, nfe = make_segment_fn(model, process, config)
+  settings = ensemble.settings_from_config(config)
   return Phase(**_phase_settings(config, workdir, 'diffusion', False), init_state=init_state, step_fn=jitted,
-               segment=segment, nfe=nfe, sampler=config.sampling.sampler)
+               segment=segment, nfe=nfe, sampler=config.sampling.sampler, ensemble_size=settings.ensemble_size,
+               threshold=ensemble.mask_threshold(settings.fusion, settings.threshold))
 
 
 def _load_external_segmenter(config: ml_collections.ConfigDict, runtime: _Runtime, phase: Phase):
