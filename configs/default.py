@@ -138,6 +138,15 @@ def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_co
   return config
 
 
+def is_built(name: str, data_dir: str) -> bool:
+  """Whether a TFDS dataset is built (False on any problem: configs must load without data)."""
+  try:
+    import data_prep  # pylint: disable=g-import-not-at-top
+    return data_prep.is_built(name, data_dir)
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def tokens(arg: str | None) -> list[str]:
   return [t.strip() for t in (arg or '').split(',') if t.strip()]
 

@@ -11,13 +11,6 @@ from configs import default
 def get_config(arg: str | None = None):
   config = default.base_config()
   default.apply_full_scale(config)
-  config.data.datasets = 'isic2018' if _is_built('isic2018', config.data.data_dir) else 'ph2'
+  config.data.datasets = 'isic2018' if default.is_built('isic2018', config.data.data_dir) else 'ph2'
   return default.apply_arguments(config, arg)
 
-
-def _is_built(name: str, data_dir: str) -> bool:
-  try:
-    import data_prep  # pylint: disable=g-import-not-at-top
-    return data_prep.is_built(name, data_dir)
-  except Exception:  # pylint: disable=broad-except
-    return False

@@ -14,14 +14,7 @@ DEFAULT = ('kvasir_seg', 'ph2', 'busi')
 def get_config(arg: str | None = None):
   config = default.base_config()
   default.apply_full_scale(config)
-  built = [name for name in CANDIDATES if _is_built(name, config.data.data_dir)]
+  built = [name for name in CANDIDATES if default.is_built(name, config.data.data_dir)]
   config.data.datasets = ','.join(built or DEFAULT)  # unbuilt: the run stops naming the build command
   return default.apply_arguments(config, arg)
 
-
-def _is_built(name: str, data_dir: str) -> bool:
-  try:
-    import data_prep  # pylint: disable=g-import-not-at-top
-    return data_prep.is_built(name, data_dir)
-  except Exception:  # pylint: disable=broad-except
-    return False

@@ -181,3 +181,21 @@ def log_half_written(directory: str) -> None:
     if '.orbax-checkpoint-tmp' in name:
       logging.warning('ignoring the half-written checkpoint %s (a save was interrupted)',
                       os.path.join(directory, name))
+
+
+def restore_for_inference(ckpt_dir: str, abstract_state: Any, *, keep: int = 2,
+                          checkpoint_step: Optional[int] = None) -> tuple[Any, int]:
+  """(state, step) of the checkpoint `checkpoint_step`, or of the best by validation Dice when None."""
+  if not os.path.isdir(ckpt_dir):  # checked first: the orbax manager would create the directory
+    raise CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
+  manager = create_manager(ckpt_dir, keep=keep)
+  try:
+    step = checkpoint_step if checkpoint_step is not None else best_step(manager)
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
+    if step not in manager.all_steps():
+      raise CheckpointError(f'no checkpoint step {step} in {ckpt_dir} (kept steps: {list(manager.all_steps())})')
+    state, _ = restore(manager, step, abstract_state, with_data_iter=False)
+  finally:
+    manager.close()
+  return state, int(step)

@@ -75,20 +75,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, checkpoint_s
       lambda: train.create_train_state(model, config, optimizer, jax.random.PRNGKey(config.seed)))
   abstract_state = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir):  # checked first: the orbax manager would create the directory
-    raise checkpointing.CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
-  manager = checkpointing.create_manager(ckpt_dir, keep=config.train.keep_checkpoints)
-  try:
-    step = checkpoint_step if checkpoint_step is not None else checkpointing.best_step(manager)
-    if step is None:
-      raise checkpointing.CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
-    if step not in manager.all_steps():
-      raise checkpointing.CheckpointError(
-          f'no checkpoint step {step} in {ckpt_dir} (kept steps: {list(manager.all_steps())})')
-    state, _ = checkpointing.restore(manager, step, abstract_state, with_data_iter=False)
-  finally:
-    manager.close()
+  state, step = checkpointing.restore_for_inference(
+      os.path.join(workdir, 'checkpoints'), abstract_state, keep=config.train.keep_checkpoints,
+      checkpoint_step=checkpoint_step)
   return model, state.ema_params, int(step)
 
 

@@ -26,6 +26,21 @@ def sampler_timesteps(process: diffusion.StagedDiffusion, sampler: str, ddim_ste
   raise ValueError(f"unknown sampler '{sampler}': choose staged or ddim")
 
 
+def _estimate(denoise: Callable, features, x, t, t_next, process: diffusion.StagedDiffusion):
+  """One network evaluation at timestep t: (x0_hat clipped to [-1, 1], the eps it implies, alpha_bar of
+  t_next, 1 when t_next = -1). The conversion is that of the stage owning t."""
+  alpha_bar = jnp.asarray(process.alpha_bar)
+  t_vec = jnp.full((x.shape[0],), t, jnp.int32)
+  prediction = denoise(features, x, t_vec, jnp.take(jnp.asarray(process.lookup.stage_id), t_vec))
+  x0_hat, _ = diffusion.prediction_to_x0_eps(
+      prediction, x, t_vec, jnp.take(jnp.asarray(process.lookup.target_id), t_vec), alpha_bar)
+  x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+  ab = alpha_bar[t]
+  ab_next = jnp.where(t_next >= 0, alpha_bar[jnp.maximum(t_next, 0)], 1.0)
+  eps_hat = (x - jnp.sqrt(ab) * x0_hat) / jnp.sqrt(1.0 - ab)
+  return x0_hat, eps_hat, ab_next
+
+
 def ddim_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.ndarray,
                 process: diffusion.StagedDiffusion, *, return_trajectory: bool = False):
   """Deterministic DDIM over `timesteps` (descending), stage-aware conversions.
@@ -37,22 +52,12 @@ def ddim_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.n
     x0 estimate [B, H, W, 1] in [-1, 1]; with return_trajectory also the x0 estimate after every step
     [N, B, H, W, 1] (the "anytime" estimates).
   """
-  alpha_bar = jnp.asarray(process.alpha_bar)
-  stage_id_of_t = jnp.asarray(process.lookup.stage_id)
-  target_id_of_t = jnp.asarray(process.lookup.target_id)
   ts = jnp.asarray(timesteps, jnp.int32)
   next_ts = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
-  batch = noise.shape[0]
 
   def step(x, t_pair):
     t, t_next = t_pair
-    t_vec = jnp.full((batch,), t, jnp.int32)
-    prediction = denoise(features, x, t_vec, jnp.take(stage_id_of_t, t_vec))
-    x0_hat, _ = diffusion.prediction_to_x0_eps(prediction, x, t_vec, jnp.take(target_id_of_t, t_vec),
-                                               alpha_bar)
-    x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-    ab, ab_next = alpha_bar[t], jnp.where(t_next >= 0, alpha_bar[jnp.maximum(t_next, 0)], 1.0)
-    eps_hat = (x - jnp.sqrt(ab) * x0_hat) / jnp.sqrt(1.0 - ab)
+    x0_hat, eps_hat, ab_next = _estimate(denoise, features, x, t, t_next, process)
     x_next = jnp.sqrt(ab_next) * x0_hat + jnp.sqrt(1.0 - ab_next) * eps_hat
     return x_next, (x0_hat if return_trajectory else None)
 
@@ -128,22 +133,14 @@ def ddpm_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.n
   Args/returns as `ddim_sample`, plus `rng` for the per-step noise.
   """
   alpha_bar = jnp.asarray(process.alpha_bar)
-  stage_id_of_t = jnp.asarray(process.lookup.stage_id)
-  target_id_of_t = jnp.asarray(process.lookup.target_id)
   ts = jnp.asarray(timesteps, jnp.int32)
   next_ts = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
   index = jnp.arange(ts.shape[0], dtype=jnp.int32)
-  batch = noise.shape[0]
 
   def step(x, inputs):
     t, t_next, i = inputs
-    t_vec = jnp.full((batch,), t, jnp.int32)
-    prediction = denoise(features, x, t_vec, jnp.take(stage_id_of_t, t_vec))
-    x0_hat, _ = diffusion.prediction_to_x0_eps(prediction, x, t_vec, jnp.take(target_id_of_t, t_vec),
-                                               alpha_bar)
-    x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-    ab, ab_next = alpha_bar[t], jnp.where(t_next >= 0, alpha_bar[jnp.maximum(t_next, 0)], 1.0)
-    eps_hat = (x - jnp.sqrt(ab) * x0_hat) / jnp.sqrt(1.0 - ab)
+    x0_hat, eps_hat, ab_next = _estimate(denoise, features, x, t, t_next, process)
+    ab = alpha_bar[t]
     sigma = eta * jnp.sqrt((1.0 - ab_next) / (1.0 - ab)) * jnp.sqrt(jnp.maximum(1.0 - ab / ab_next, 0.0))
     z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
     x_next = (jnp.sqrt(ab_next) * x0_hat + jnp.sqrt(jnp.maximum(1.0 - ab_next - sigma ** 2, 0.0)) * eps_hat

@@ -533,15 +533,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, chec
 
 def load_params(config, workdir: str, phase: Phase, runtime: _Runtime, checkpoint_step: int | None = None):
   """EMA params of a phase's checkpoint (best by validation Dice unless a step is given) and the step."""
-  ckpt_dir = os.path.join(phase.directory, 'checkpoints')
-  manager = checkpointing.create_manager(ckpt_dir, keep=config.train.keep_checkpoints)
-  step = checkpoint_step if checkpoint_step is not None else checkpointing.best_step(manager)
-  if step is None:
-    raise checkpointing.CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
-  if step not in manager.all_steps():
-    raise checkpointing.CheckpointError(
-        f'no checkpoint step {step} in {ckpt_dir} (kept steps: {list(manager.all_steps())})')
-  state, _ = checkpointing.restore(manager, step, _abstract(phase.init_state, runtime.replicated),
-                                   with_data_iter=False)
-  manager.close()
+  state, step = checkpointing.restore_for_inference(
+      os.path.join(phase.directory, 'checkpoints'), _abstract(phase.init_state, runtime.replicated),
+      keep=config.train.keep_checkpoints, checkpoint_step=checkpoint_step)
   return state.ema_params, step
