@@ -85,6 +85,21 @@ def main(argv):
     sys.exit(1)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with config errors (unknown keys, bad values) as one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    message = str(err)
+    if 'Traceback' in message:  # an exception raised inside a config file: keep its last line
+      message = message.split(':', 1)[0] + ': ' + message.strip().splitlines()[-1].split('Error: ', 1)[-1]
+  except (KeyError, AttributeError, TypeError, ValueError) as err:
+    detail = str(err.args[0] if err.args else err).replace('\\n', ' ').replace('\\', '').replace("'", '')
+    message = f'bad config override: {detail}'
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(1)
+
+
 if __name__ == '__main__':
   std_logging.getLogger('absl').addFilter(_QuietLibraries())
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

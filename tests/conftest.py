@@ -10,6 +10,16 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+  """The persistent compilation cache main.py uses, so tests and their main.py subprocesses share programs."""
+  del config
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                         os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 @pytest.fixture(scope='session')
 def tiny_data_dir(tmp_path_factory):
   import data_prep  # pylint: disable=g-import-not-at-top
