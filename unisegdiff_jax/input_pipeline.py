@@ -130,6 +130,16 @@ class TrainTransform(grain.transforms.RandomMap):
     }
 
 
+def mixed_dataset(sources: Sequence[Any], weights: Sequence[float], seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """This process's shard of every source, each shuffled and repeated forever, mixed by `weights`."""
+  per_dataset = []
+  for index, source in enumerate(sources):
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    per_dataset.append(ds.shuffle(seed=seed + 1000 * index).repeat())
+  return per_dataset[0] if len(per_dataset) == 1 else grain.MapDataset.mix(per_dataset, list(weights))
+
+
 def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                           process_count: int | None = None) -> grain.DatasetIterator:
   """An infinite, checkpointable iterator of per-process training batches (datasets mixed by weight)."""
@@ -140,14 +150,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   if global_batch % process_count:
     raise ValueError(f'config.train.global_batch_size={global_batch} is not divisible by the '
                      f'{process_count} JAX processes')
-  per_dataset = []
-  for index, name in enumerate(dataset_names(data)):
+  sources = []
+  for name in dataset_names(data):
     source = load_source(name, data.train_split, data.data_dir)
-    if data.cache_resized:
-      source = ResizedSource(source, data.image_size)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    per_dataset.append(ds.shuffle(seed=config.seed + 1000 * index).repeat())
-  ds = per_dataset[0] if len(per_dataset) == 1 else grain.MapDataset.mix(per_dataset, mixture_weights(data))
+    sources.append(ResizedSource(source, data.image_size) if data.cache_resized else source)
+  ds = mixed_dataset(sources, mixture_weights(data), config.seed, process_index, process_count)
   ds = ds.random_map(TrainTransform(data.image_size, data.augment, data.max_rotation_degrees),
                      seed=config.seed)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
