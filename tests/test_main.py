@@ -86,3 +86,17 @@ def test_missing_dataset_names_the_build_command(tmp_path):
               f'--config.data.data_dir={tmp_path}/tfds', '--config.data.datasets=kvasir_seg', timeout=180)
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'python -m data_prep.build kvasir_seg' in out.stderr
+
+
+def test_a_finished_phase0_can_be_reused_by_another_run(smoke_run, tmp_path):
+  workdir, args, _ = smoke_run
+  other = str(tmp_path / 'reuse')
+  out = _main('--config=configs/synthetic.py:smoke', f'--workdir={other}', args[2],
+              f'--config.pretrain.checkpoint={workdir}')
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert f'Using the pre-trained encoder of {os.path.join(workdir, "pretrain", "checkpoints")}' in out.stdout
+  assert not os.path.exists(os.path.join(other, 'pretrain', 'checkpoints'))  # phase 0 was not rerun
+  with open(os.path.join(other, 'eval', 'test', 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['pretrain_mode'] == 'external frozen'
+  assert 0 <= summary['pretrained_segmenter']['mean']['dice'] <= 1

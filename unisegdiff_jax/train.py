@@ -452,7 +452,12 @@ def _load_external_segmenter(config: ml_collections.ConfigDict, runtime: _Runtim
   """Best EMA params of an existing phase-0 run (`config.pretrain.checkpoint`: a workdir or its
   pretrain/ or pretrain/checkpoints/ directory) and its step."""
   path = os.path.abspath(config.pretrain.checkpoint)
-  for candidate in (path, os.path.join(path, 'checkpoints'), os.path.join(path, 'pretrain', 'checkpoints')):
+  candidates = [os.path.join(path, 'pretrain', 'checkpoints')]  # a run's workdir
+  if os.path.basename(path) == 'pretrain':
+    candidates.append(os.path.join(path, 'checkpoints'))
+  if os.path.basename(path) == 'checkpoints':
+    candidates.append(path)
+  for candidate in candidates:
     if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
       manager = checkpointing.create_manager(candidate, keep=config.train.keep_checkpoints)
       best = checkpointing.best_step(manager)
