@@ -17,15 +17,6 @@ import numpy as np
 from unisegdiff_jax import diffusion
 
 
-def sampler_timesteps(process: diffusion.StagedDiffusion, sampler: str, ddim_steps: int = 100) -> np.ndarray:
-  """The descending timesteps a sampler evaluates; their count is the NFE per image."""
-  if sampler == 'staged':
-    return diffusion.staged_timesteps(process.stages)
-  if sampler == 'ddim':
-    return diffusion.ddim_timesteps(process.num_timesteps, ddim_steps)
-  raise ValueError(f"unknown sampler '{sampler}': choose staged or ddim")
-
-
 def _estimate(denoise: Callable, features, x, t, t_next, process: diffusion.StagedDiffusion):
   """One network evaluation at timestep t: (x0_hat clipped to [-1, 1], the eps it implies, alpha_bar of
   t_next, 1 when t_next = -1). The conversion is that of the stage owning t."""
