@@ -123,6 +123,7 @@ def test_restore_refuses_an_incompatible_config(smoke_config, tmp_path):
     ('diffusion.stages', '0:500 eps', 'tile [0, 1000)'),
     ('diffusion.stages', '0:1000 noise', 'unknown target'),
     ('train.nonfinite', 'ignore', 'use stop or skip'),
+    ('pretrain.encoder_mode', 'thaw', 'use frozen or finetune'),
     ('data.mixture_weights', '1,2', 'needs 1 non-negative weights'),
 ])
 def test_config_validation_gives_one_line(smoke_config, field, value, message):

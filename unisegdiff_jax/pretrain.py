@@ -56,10 +56,6 @@ def make_segment_fn(segmenter):
   return segment
 
 
-def encoder_subtree(params: Any, name: str = 'encoder') -> Any:
-  return params['params'][name]
-
-
 def with_pretrained(params: Any, pretrained: Any, names=('encoder',)) -> Any:
   """`params` with the named top-level subtrees replaced by the pre-trained ones."""
   inner = dict(params['params'])

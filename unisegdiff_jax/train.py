@@ -79,6 +79,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if config.sampling.batch_size <= 0 or config.sampling.batch_size % num_devices:
     raise ConfigError(f'config.sampling.batch_size={config.sampling.batch_size} is not divisible by the '
                       f'{num_devices} devices: use a multiple of {num_devices}')
+  if config.pretrain.encoder_mode not in pretrain.ENCODER_MODES:
+    raise ConfigError(f"config.pretrain.encoder_mode='{config.pretrain.encoder_mode}': use frozen or finetune")
   if config.train.nonfinite not in ('stop', 'skip'):
     raise ConfigError(f"config.train.nonfinite='{config.train.nonfinite}': use stop or skip")
   if config.diffusion.timestep_sampling not in ('uniform', 'balanced'):
