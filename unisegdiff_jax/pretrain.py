@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from unisegdiff_jax import losses
+from unisegdiff_jax import schedules
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 ENCODER_MODES = ('frozen', 'finetune')
@@ -25,10 +26,7 @@ def build_segmenter(config: ml_collections.ConfigDict):
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   pre = config.pretrain
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=pre.learning_rate,
-      warmup_steps=min(pre.warmup_steps, max(pre.num_steps - 1, 1)),
-      decay_steps=max(pre.num_steps, pre.warmup_steps + 1), end_value=0.0)
+  schedule = schedules.warmup_cosine(pre.learning_rate, pre.warmup_steps, pre.num_steps)
   return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm),
                      optax.adamw(schedule, weight_decay=pre.weight_decay))
 

@@ -31,6 +31,7 @@ from unisegdiff_jax import evaluate as evaluate_lib
 from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import losses
 from unisegdiff_jax import pretrain
+from unisegdiff_jax import schedules
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 
@@ -115,10 +116,8 @@ def check_workdir(workdir: str) -> None:
 def make_optimizer(config: ml_collections.ConfigDict, pretrained_names=()) -> optax.GradientTransformation:
   """Clipping + AdamW with warm-up and cosine decay; pre-trained top-level subtrees (phase 1) are frozen
   (`config.pretrain.encoder_mode='frozen'`) or fine-tuned at `finetune_lr_multiplier` times the rate."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optim.learning_rate,
-      warmup_steps=min(config.optim.warmup_steps, max(config.train.num_steps - 1, 1)),
-      decay_steps=max(config.train.num_steps, config.optim.warmup_steps + 1), end_value=0.0)
+  schedule = schedules.warmup_cosine(config.optim.learning_rate, config.optim.warmup_steps,
+                                     config.train.num_steps)
   adamw = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
   if pretrained_names:
     if config.pretrain.encoder_mode == 'frozen':
