@@ -1,0 +1,1 @@
+"""Experiment runner, statistics and the generated results page (never imported by the library)."""
