@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.denoiser.attention_levels = (3,)
   config.model.denoiser.num_heads = 4
   config.model.denoiser.dropout = 0.0
+  # Self-conditioning (Chen et al., Analog Bits): the previous x0 estimate is an extra denoiser input.
+  config.model.self_condition = False
 
   # Diffusion and the stage table (our reconstruction; UniSegDiff's exact values are unpublished).
   config.diffusion = ml_collections.ConfigDict()
@@ -66,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.diffusion.beta_end = 0.02
   config.diffusion.stages = 'three_stage'  # a preset name or a table string, see diffusion.py
   config.diffusion.timestep_sampling = 'uniform'  # uniform | balanced (uniform over stages)
+  config.diffusion.mask_scale = 1.0  # masks diffuse as {-mask_scale, +mask_scale} (Chen et al. use 0.1)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.aux_weight = 0.1  # BCE + Dice on the implied x0 of every sample
@@ -113,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # latest N (plus the best by validation Dice)
   config.train.nonfinite = 'stop'  # stop | skip: what a non-finite loss or gradient does
   config.train.num_overlay_cases = 12
+  # Recycling (Fu et al.): the probability that an x0-stage sample's x_t is built from the model's own
+  # gradient-free estimate of pure noise instead of the truth (0 = off).
+  config.train.recycling = 0.0
   config.train.max_steps_per_run = 0  # > 0: checkpoint and exit 0 after this many steps (resume later)
   config.train.debug_nonfinite_step = 0  # > 0: make that step's loss NaN (tests the non-finite policy)
   return config

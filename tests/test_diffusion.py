@@ -170,6 +170,11 @@ def test_staged_timesteps_descend_and_count_the_budget():
   assert per_stage == [s.sample_steps for s in stages]
 
 
+def test_one_ddim_step_starts_from_pure_noise():
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 1), [999])
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(1000, 2), [999, 0])
+
+
 def test_ddim_timesteps():
   ts = diffusion.ddim_timesteps(1000, 100)
   assert len(ts) == 100 and ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)

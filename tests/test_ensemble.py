@@ -22,7 +22,7 @@ def _oracle(process):
   alpha_bar = jnp.asarray(process.alpha_bar)
   target_of_t = jnp.asarray(process.lookup.target_id)
 
-  def denoise(x0, x_t, t, stage_id):
+  def denoise(x0, x_t, t, stage_id, self_cond=None):
     del stage_id
     ab = jnp.take(alpha_bar, t)[:, None, None, None]
     a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
@@ -75,7 +75,7 @@ def test_each_sampler_calls_the_denoiser_once_per_step(sampler, steps, expected)
   calls = []
   oracle = _oracle(process)
 
-  def counting(x0, x_t, t, stage_id):
+  def counting(x0, x_t, t, stage_id, self_cond=None):
     jax.debug.callback(lambda: calls.append(1))
     return oracle(x0, x_t, t, stage_id)
 
@@ -107,7 +107,7 @@ def test_ddpm_returns_the_last_estimate_exactly():
   process = _process()
   x0, noise = _x0_and_noise(2)
   # A deliberately wrong (but fixed) denoiser: the result is x0_hat of the last step, not a noisy x.
-  def constant_x0(feats, x_t, t, stage_id):
+  def constant_x0(feats, x_t, t, stage_id, self_cond=None):
     del feats, t, stage_id
     return jnp.full_like(x_t, 0.25)  # at t=0 (eps stage) this is an eps prediction
 
@@ -115,25 +115,45 @@ def test_ddpm_returns_the_last_estimate_exactly():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(trajectory[-1]))
 
 
-def test_ddpm_with_eta_zero_is_ddim():
-  process = _process()
+def test_two_ddim_steps_by_hand():
+  """DDIM over [600, 300] with an eps model, written out in numpy: convert, clip, step, convert, clip."""
+  process = _process('0:1000 eps steps=2')
   _, noise = _x0_and_noise(3)
   weights = jnp.linspace(-0.5, 0.5, 64).reshape(1, 8, 8, 1)
 
-  def linear(feats, x_t, t, stage_id):
-    return 0.7 * x_t + weights + 1e-4 * t[:, None, None, None] + 0.01 * stage_id[:, None, None, None]
+  def linear(feats, x_t, t, stage_id, self_cond=None):
+    return 0.7 * x_t + weights + 1e-4 * t[:, None, None, None]
 
-  ts = sampling.timesteps_for(process, 'ddim', 12)
-  ddim = sampling.ddim_sample(linear, None, noise, ts, process)
-  eta0 = sampling.ddpm_sample(linear, None, noise, ts, process, jax.random.PRNGKey(5), eta=0.0)
-  np.testing.assert_allclose(eta0, ddim, atol=1e-5)
+  out = sampling.ddim_sample(linear, None, noise, np.array([600, 300]), process)
+  x, w = np.asarray(noise, np.float64), np.asarray(weights, np.float64)
+  for t, t_next in ((600, 300), (300, -1)):
+    ab = float(process.alpha_bar[t])
+    ab_next = 1.0 if t_next < 0 else float(process.alpha_bar[t_next])
+    eps = 0.7 * x + w + 1e-4 * t
+    x0 = np.clip((x - np.sqrt(1 - ab) * eps) / np.sqrt(ab), -1, 1)
+    eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+    x = np.sqrt(ab_next) * x0 + np.sqrt(1 - ab_next) * eps
+  np.testing.assert_allclose(out, x, atol=1e-5)
+  assert 0 < np.mean(np.abs(x)) and np.all(np.abs(x) <= 1)
+
+
+def test_self_conditioned_sampler_feeds_the_previous_estimate():
+  """x0 model = 0.1 t / 1000 + 0.5 * (previous estimate): three steps give 0.01 + 0.5 (0.05 + 0.5 0.09)."""
+  process = _process('0:1000 x0 steps=3')
+  _, noise = _x0_and_noise(5)
+
+  def model(feats, x_t, t, stage_id, self_cond):
+    return 0.1 * t[:, None, None, None] / 1000.0 + 0.0 * x_t + 0.5 * self_cond
+
+  out = sampling.ddim_sample(model, None, noise, np.array([900, 500, 100]), process)
+  np.testing.assert_allclose(out, np.full(noise.shape, 0.01 + 0.5 * (0.05 + 0.5 * 0.09)), atol=1e-6)
 
 
 def test_ddpm_is_deterministic_given_the_key_and_stochastic_across_keys():
   process = _process()
   _, noise = _x0_and_noise(4)
 
-  def shrink(feats, x_t, t, stage_id):
+  def shrink(feats, x_t, t, stage_id, self_cond=None):
     return 0.5 * x_t
 
   a = _run('ddpm', process, shrink, None, noise, 10, rng=jax.random.PRNGKey(1))
@@ -156,7 +176,7 @@ def test_stage_end_estimates_are_the_anytime_segmentations():
 
   _, noise = _x0_and_noise(5)
 
-  def shrink(feats, x_t, t, stage_id):
+  def shrink(feats, x_t, t, stage_id, self_cond=None):
     return 0.3 * x_t + 0.1 * stage_id[:, None, None, None]
 
   ids, estimates = sampling.anytime_sample(shrink, None, noise, process)

@@ -288,7 +288,8 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   """Evenly spaced descending timesteps for plain DDIM with `num_steps` evaluations."""
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f'DDIM steps must be in [1, {num_timesteps}], got {num_steps}')
-  return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32))[::-1].copy()
+  # From T-1 down: one step starts from pure noise at t = T-1 (not t = 0), and 0 is the last for n >= 2.
+  return np.unique(np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32))[::-1].copy()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -298,13 +299,23 @@ class StagedDiffusion:
   num_timesteps: int
   alpha_bar: np.ndarray  # [T] float32
   lookup: StageLookup
+  mask_scale: float = 1.0  # masks live in {-mask_scale, +mask_scale} (Chen et al.'s bit scale)
 
   @property
   def num_stages(self) -> int:
     return len(self.stages)
 
   def describe(self) -> str:
-    return f'T={self.num_timesteps}; ' + format_stage_table(self.stages)
+    scale = '' if self.mask_scale == 1.0 else f'mask_scale={self.mask_scale:g}; '
+    return f'T={self.num_timesteps}; {scale}' + format_stage_table(self.stages)
+
+  def mask_to_x0(self, mask: jnp.ndarray) -> jnp.ndarray:
+    """{0, 1} mask -> the diffusion variable x0 in {-mask_scale, +mask_scale}."""
+    return (mask * 2.0 - 1.0) * self.mask_scale
+
+  def x0_to_probability(self, x0: jnp.ndarray) -> jnp.ndarray:
+    """A (clipped) x0 estimate -> the foreground probability in [0, 1] (linear; 0.5 at x0 = 0)."""
+    return jnp.clip((x0 / self.mask_scale + 1.0) * 0.5, 0.0, 1.0)
 
 
 def from_config(diffusion_config) -> StagedDiffusion:
@@ -315,7 +326,10 @@ def from_config(diffusion_config) -> StagedDiffusion:
   stages = parse_stage_table(diffusion_config.stages, num_timesteps)
   alpha_bar = make_alpha_bar(diffusion_config.schedule, num_timesteps, diffusion_config.beta_start,
                              diffusion_config.beta_end).astype(np.float32)
-  return StagedDiffusion(stages, num_timesteps, alpha_bar, stage_lookup(stages, num_timesteps))
+  mask_scale = float(diffusion_config.get('mask_scale', 1.0))
+  if not mask_scale > 0:
+    raise StageTableError(f'config.diffusion.mask_scale must be > 0, got {mask_scale}')
+  return StagedDiffusion(stages, num_timesteps, alpha_bar, stage_lookup(stages, num_timesteps), mask_scale)
 
 
 def sample_timesteps(rng, batch_size: int, process: StagedDiffusion, method: str) -> jnp.ndarray:

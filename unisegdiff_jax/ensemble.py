@@ -104,15 +104,15 @@ def make_members_fn(model, process: diffusion.StagedDiffusion, timesteps: np.nda
     if k_members > 1:
       features = jax.tree_util.tree_map(lambda f: jnp.repeat(f, k_members, axis=0), features)
 
-    def denoise(feats, x_t, t, stage_id):
-      return model.apply(params, feats, x_t, t, stage_id, method=model.denoise)
+    def denoise(feats, x_t, t, stage_id, self_cond):
+      return model.apply(params, feats, x_t, t, stage_id, self_cond, method=model.denoise)
 
     shape = images.shape[:-1] + (1,)
     noise = jnp.stack([jax.random.normal(member_key(rng, k), shape, jnp.float32) for k in range(k_members)],
                       axis=1).reshape((batch * k_members,) + shape[1:])  # image-major [B*K]
     step_rng = jax.random.fold_in(rng, 1 << 30)
     x0 = sampling.sample(denoise, features, noise, timesteps, process, stochastic=stochastic, rng=step_rng)
-    prob = sampling.probability_from_x0(x0).reshape((batch, k_members) + shape[1:])
+    prob = sampling.probability_from_x0(x0, process).reshape((batch, k_members) + shape[1:])
     return jnp.moveaxis(prob, 1, 0)
 
   return members

@@ -2,8 +2,12 @@
 
 Both run one `lax.scan` over a fixed descending list of timesteps; each step converts the network output
 with the conversion of the stage that owns that timestep (`diffusion.prediction_to_x0_eps`), clips the
-mask estimate to [-1, 1] and takes a deterministic DDIM step (eta = 0) to the next visited timestep. The
-encoder runs once per image. Results are deterministic given the seed.
+mask estimate to [-mask_scale, mask_scale] and takes a deterministic DDIM step (eta = 0) to the next visited
+timestep. The encoder runs once per image. A self-conditioned model gets the previous step's x0 estimate
+(zeros at the first step). Results are deterministic given the seed.
+
+`denoise` callables take (features, x_t, t [B], stage_id [B], self_cond) -> prediction; `self_cond` is the
+previous x0 estimate, which a model without self-conditioning ignores.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ import numpy as np
 from unisegdiff_jax import diffusion
 
 
-def _estimate(denoise: Callable, features, x, t, t_next, process: diffusion.StagedDiffusion):
-  """One network evaluation at timestep t: (x0_hat clipped to [-1, 1], the eps it implies, alpha_bar of
-  t_next, 1 when t_next = -1). The conversion is that of the stage owning t."""
+def _estimate(denoise: Callable, features, x, self_cond, t, t_next, process: diffusion.StagedDiffusion):
+  """One network evaluation at timestep t: (x0_hat clipped to [-mask_scale, mask_scale], the eps it
+  implies, alpha_bar of t_next, 1 when t_next = -1). The conversion is that of the stage owning t."""
   alpha_bar = jnp.asarray(process.alpha_bar)
   t_vec = jnp.full((x.shape[0],), t, jnp.int32)
-  prediction = denoise(features, x, t_vec, jnp.take(jnp.asarray(process.lookup.stage_id), t_vec))
+  prediction = denoise(features, x, t_vec, jnp.take(jnp.asarray(process.lookup.stage_id), t_vec), self_cond)
   x0_hat, _ = diffusion.prediction_to_x0_eps(
       prediction, x, t_vec, jnp.take(jnp.asarray(process.lookup.target_id), t_vec), alpha_bar)
-  x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+  x0_hat = jnp.clip(x0_hat, -process.mask_scale, process.mask_scale)
   ab = alpha_bar[t]
   ab_next = jnp.where(t_next >= 0, alpha_bar[jnp.maximum(t_next, 0)], 1.0)
   eps_hat = (x - jnp.sqrt(ab) * x0_hat) / jnp.sqrt(1.0 - ab)
@@ -37,27 +41,18 @@ def ddim_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.n
   """Deterministic DDIM over `timesteps` (descending), stage-aware conversions.
 
   Args:
-    denoise: (features, x_t, t [B], stage_id [B]) -> prediction.
+    denoise: (features, x_t, t [B], stage_id [B], self_cond) -> prediction.
     noise: x_T, [B, H, W, 1].
   Returns:
-    x0 estimate [B, H, W, 1] in [-1, 1]; with return_trajectory also the x0 estimate after every step
-    [N, B, H, W, 1] (the "anytime" estimates).
+    x0 estimate [B, H, W, 1] in [-mask_scale, mask_scale]; with return_trajectory also the x0 estimate
+    after every step [N, B, H, W, 1] (the "anytime" estimates).
   """
-  ts = jnp.asarray(timesteps, jnp.int32)
-  next_ts = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
-
-  def step(x, t_pair):
-    t, t_next = t_pair
-    x0_hat, eps_hat, ab_next = _estimate(denoise, features, x, t, t_next, process)
-    x_next = jnp.sqrt(ab_next) * x0_hat + jnp.sqrt(1.0 - ab_next) * eps_hat
-    return x_next, (x0_hat if return_trajectory else None)
-
-  x0, trajectory = jax.lax.scan(step, noise, (ts, next_ts))
-  return (x0, trajectory) if return_trajectory else x0
+  return ddpm_sample(denoise, features, noise, timesteps, process, None, eta=0.0,
+                     return_trajectory=return_trajectory)
 
 
-def probability_from_x0(x0: jnp.ndarray) -> jnp.ndarray:
-  return jnp.clip((x0 + 1.0) * 0.5, 0.0, 1.0)
+def probability_from_x0(x0: jnp.ndarray, process: diffusion.StagedDiffusion) -> jnp.ndarray:
+  return process.x0_to_probability(x0)
 
 
 def make_segment_fn(model, process: diffusion.StagedDiffusion, timesteps: np.ndarray):
@@ -66,11 +61,11 @@ def make_segment_fn(model, process: diffusion.StagedDiffusion, timesteps: np.nda
   def segment(params, images, rng):
     features = model.apply(params, images, method=model.encode)
 
-    def denoise(feats, x_t, t, stage_id):
-      return model.apply(params, feats, x_t, t, stage_id, method=model.denoise)
+    def denoise(feats, x_t, t, stage_id, self_cond):
+      return model.apply(params, feats, x_t, t, stage_id, self_cond, method=model.denoise)
 
     noise = jax.random.normal(rng, images.shape[:-1] + (1,), jnp.float32)
-    return probability_from_x0(ddim_sample(denoise, features, noise, timesteps, process))
+    return probability_from_x0(ddim_sample(denoise, features, noise, timesteps, process), process)
 
   return segment
 
@@ -110,7 +105,7 @@ def config_timesteps(process: diffusion.StagedDiffusion, sampling_config, sample
 
 
 def ddpm_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.ndarray,
-                process: diffusion.StagedDiffusion, rng: jax.Array, *, eta: float = 1.0,
+                process: diffusion.StagedDiffusion, rng: jax.Array | None, *, eta: float = 1.0,
                 return_trajectory: bool = False):
   """Stochastic (ancestral) sampling over `timesteps` (descending), stage-aware conversions.
 
@@ -121,24 +116,28 @@ def ddpm_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.n
   DDPM with the subsequence's own betas. eta = 0 is `ddim_sample`. The last step (to t = -1, ab = 1) has
   sigma = 0 and returns x0_hat exactly. Deterministic given `rng` (step i uses fold_in(rng, i)).
 
-  Args/returns as `ddim_sample`, plus `rng` for the per-step noise.
+  Args/returns as `ddim_sample`, plus `rng` for the per-step noise (unused, may be None, when eta = 0).
   """
   alpha_bar = jnp.asarray(process.alpha_bar)
   ts = jnp.asarray(timesteps, jnp.int32)
   next_ts = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
   index = jnp.arange(ts.shape[0], dtype=jnp.int32)
 
-  def step(x, inputs):
+  def step(carry, inputs):
+    x, x0_prev = carry
     t, t_next, i = inputs
-    x0_hat, eps_hat, ab_next = _estimate(denoise, features, x, t, t_next, process)
-    ab = alpha_bar[t]
-    sigma = eta * jnp.sqrt((1.0 - ab_next) / (1.0 - ab)) * jnp.sqrt(jnp.maximum(1.0 - ab / ab_next, 0.0))
-    z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-    x_next = (jnp.sqrt(ab_next) * x0_hat + jnp.sqrt(jnp.maximum(1.0 - ab_next - sigma ** 2, 0.0)) * eps_hat
-              + sigma * z)
-    return x_next, (x0_hat if return_trajectory else None)
+    x0_hat, eps_hat, ab_next = _estimate(denoise, features, x, x0_prev, t, t_next, process)
+    x_next = jnp.sqrt(ab_next) * x0_hat
+    if eta == 0.0:
+      x_next = x_next + jnp.sqrt(1.0 - ab_next) * eps_hat
+    else:
+      ab = alpha_bar[t]
+      sigma = eta * jnp.sqrt((1.0 - ab_next) / (1.0 - ab)) * jnp.sqrt(jnp.maximum(1.0 - ab / ab_next, 0.0))
+      z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+      x_next = x_next + jnp.sqrt(jnp.maximum(1.0 - ab_next - sigma ** 2, 0.0)) * eps_hat + sigma * z
+    return (x_next, x0_hat), (x0_hat if return_trajectory else None)
 
-  x0, trajectory = jax.lax.scan(step, noise, (ts, next_ts, index))
+  (x0, _), trajectory = jax.lax.scan(step, (noise, jnp.zeros_like(noise)), (ts, next_ts, index))
   return (x0, trajectory) if return_trajectory else x0
 
 

@@ -84,6 +84,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     raise ConfigError(f"config.pretrain.encoder_mode='{config.pretrain.encoder_mode}': use frozen or finetune")
   if config.train.nonfinite not in ('stop', 'skip'):
     raise ConfigError(f"config.train.nonfinite='{config.train.nonfinite}': use stop or skip")
+  if not 0.0 <= config.train.recycling <= 1.0:
+    raise ConfigError(f'config.train.recycling={config.train.recycling}: a probability in [0, 1]')
   if config.diffusion.timestep_sampling not in ('uniform', 'balanced'):
     raise ConfigError(f"config.diffusion.timestep_sampling='{config.diffusion.timestep_sampling}': "
                       'use uniform or balanced')
@@ -156,11 +158,16 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model, op
   loss_rng, dropout_rng = jax.random.split(rng)
 
   def loss_fn(params):
-    def predict(x_t, t, stage_id):
-      return model.apply(params, batch['image'], x_t, t, stage_id, train=True, rngs={'dropout': dropout_rng})
+    conditioning = model.apply(params, batch['image'], train=True, method=model.encode)  # once per step
+
+    def predict(x_t, t, stage_id, self_cond):
+      return model.apply(params, conditioning, x_t, t, stage_id, self_cond, train=True,
+                         rngs={'dropout': dropout_rng}, method=model.denoise)
     loss, metrics = losses.staged_loss(predict, batch['mask'], loss_rng, process,
                                        timestep_sampling=config.diffusion.timestep_sampling,
-                                       aux_weight=config.loss.aux_weight, aux_max_t=config.loss.aux_max_t)
+                                       aux_weight=config.loss.aux_weight, aux_max_t=config.loss.aux_max_t,
+                                       self_condition=config.model.self_condition,
+                                       recycling=config.train.recycling)
     return _inject_nonfinite(loss, state, config), metrics
 
   return _apply_gradients(state, jax.value_and_grad(loss_fn, has_aux=True)(state.params), optimizer, config)

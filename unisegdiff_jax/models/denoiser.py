@@ -90,12 +90,14 @@ class UniSegDiffModel(nn.Module):
 
   `freeze_encoder` stops gradients at the encoder output (phase 1 with a frozen pre-trained encoder, so
   no encoder backward pass is computed). With a `decoder` (the phase-0 segmentation head) the segmenter's
-  coarse logits become an extra input channel of the denoiser.
+  coarse logits become an extra input channel of the denoiser. With `self_condition` the previous x0
+  estimate is one more input channel (zeros when there is none yet).
   """
   encoder: ConditioningEncoder
   denoiser: Denoiser
   decoder: Optional[SegmentationDecoder] = None
   freeze_encoder: bool = False
+  self_condition: bool = False
 
   def encode(self, image, *, train: bool = False):
     features = self.encoder(image, train=train)
@@ -105,14 +107,18 @@ class UniSegDiffModel(nn.Module):
       coarse = jax.lax.stop_gradient(coarse) if coarse is not None else None
     return {'features': features, 'coarse_logits': coarse}
 
-  def denoise(self, conditioning, x_t, t, stage_id, *, train: bool = False):
+  def denoise(self, conditioning, x_t, t, stage_id, self_cond=None, *, train: bool = False):
+    inputs = [x_t]
+    if self.self_condition:
+      inputs.append(jnp.zeros_like(x_t) if self_cond is None else self_cond)
     coarse = conditioning['coarse_logits']
     if coarse is not None:
-      x_t = jnp.concatenate([x_t, jnp.tanh(coarse * 0.5)], axis=-1)  # tanh(l/2) = 2 sigmoid(l) - 1
-    return self.denoiser(x_t, t, stage_id, conditioning['features'], train=train)
+      inputs.append(jnp.tanh(coarse * 0.5))  # tanh(l/2) = 2 sigmoid(l) - 1
+    x_in = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
+    return self.denoiser(x_in, t, stage_id, conditioning['features'], train=train)
 
-  def __call__(self, image, x_t, t, stage_id, *, train: bool = False):
-    return self.denoise(self.encode(image, train=train), x_t, t, stage_id, train=train)
+  def __call__(self, image, x_t, t, stage_id, self_cond=None, *, train: bool = False):
+    return self.denoise(self.encode(image, train=train), x_t, t, stage_id, self_cond, train=train)
 
 
 def build_encoder(model_config: ml_collections.ConfigDict) -> ConditioningEncoder:
@@ -144,4 +150,5 @@ def build_model(model_config: ml_collections.ConfigDict, num_stages: int, *, fre
   decoder = (SegmentationDecoder(coarse_logits_decoder_width, model_config.num_groups, dtype=dtype)
              if coarse_logits_decoder_width > 0 else None)
   return UniSegDiffModel(encoder=build_encoder(model_config), denoiser=denoiser, decoder=decoder,
-                         freeze_encoder=freeze_encoder)
+                         freeze_encoder=freeze_encoder,
+                         self_condition=bool(model_config.get('self_condition', False)))
