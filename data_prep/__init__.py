@@ -26,7 +26,8 @@ import time
 import tensorflow_datasets as tfds
 
 from data_prep.base import BuildInputError, FILE_FORMAT, LesionSegBuilder, format_report
-from data_prep.real_datasets import Busi, Isic2018, KvasirSeg, LesionFolder, Ph2
+from data_prep.real_datasets import (Busi, DdtiThyroidUs, Isic2018, KvasirSeg, LesionFolder,
+                                     LggBrainMri, Ph2)
 from data_prep.synthetic_lesions import SyntheticLesions
 
 __all__ = ['DATASETS', 'DatasetInfo', 'DatasetNotBuiltError', 'BuildInputError', 'get_builder',
@@ -54,6 +55,10 @@ DATASETS: dict[str, DatasetInfo] = {
                               '../shared/data/kvasir_seg', _FOLDER),
     'ph2': DatasetInfo(Ph2, 'skin', 'dermoscopy', True, '../shared/data/ph2', _FOLDER),
     'busi': DatasetInfo(Busi, 'breast', 'ultrasound', True, '../shared/data/busi', _FOLDER),
+    'lgg_brain_mri': DatasetInfo(LggBrainMri, 'brain', 'MRI', True, '../shared/data/lgg_brain_mri',
+                                 _FOLDER),
+    'ddti_thyroid_us': DatasetInfo(DdtiThyroidUs, 'thyroid', 'ultrasound', True,
+                                   '../shared/data/ddti_thyroid_us', _FOLDER),
     'isic2018': DatasetInfo(Isic2018, 'skin', 'dermoscopy', True, '<ISIC2018 folder>',
                             'official ISIC2018_Task1-2_Training_Input/ + '
                             'ISIC2018_Task1_Training_GroundTruth/ folders expected there'),

@@ -2,11 +2,14 @@
 
   python -m data_prep.make_splits kvasir_seg --manual_dir=../shared/data/kvasir_seg
   python -m data_prep.make_splits ph2 --manual_dir=../shared/data/ph2 --kfold=5
+  python -m data_prep.make_splits lgg_brain_mri --manual_dir=../shared/data/lgg_brain_mri
+  python -m data_prep.make_splits ddti_thyroid_us --manual_dir=../shared/data/ddti_thyroid_us
 
 Writes data_prep/splits/<dataset>/{train,val,test}.txt (or .../fold{k}/{train,val,test}.txt with
 --kfold=K) plus SPLIT_INFO.json recording the parameters and counts. lesion_folder writes to
 <manual_dir>/splits/ (where its builder looks). isic2018 with all official folders writes the
-official split (seed/ratios unused).
+official split (seed/ratios unused). lgg_brain_mri / ddti_thyroid_us also keep every patient / case
+on one side (the builder's `split_groups`).
 """
 from __future__ import annotations
 
@@ -39,7 +42,10 @@ def make_splits(dataset: str, manual_dir: str, *, seed: int = 0,
   check_pairs(pairs)
   if not pairs:
     raise BuildInputError(f'{manual_dir}: no image/mask pairs found')
-  groups = splitting.compute_groups({p.case_id: p.image for p in pairs}, manual_dir)
+  case_images = {p.case_id: p.image for p in pairs}
+  grouper = getattr(cls, 'split_groups', None)
+  groups = (grouper(case_images, manual_dir) if grouper
+            else splitting.compute_groups(case_images, manual_dir))
   info = {'dataset': base,
           'n_cases': len(pairs), 'n_groups': len(groups),
           'n_cases_in_multi_case_groups': sum(len(g) for g in groups if len(g) > 1),
@@ -47,6 +53,9 @@ def make_splits(dataset: str, manual_dir: str, *, seed: int = 0,
                                f'--manual_dir={manual_dir_arg}', f'--seed={seed}',
                                f'--ratios={",".join(str(r) for r in ratios)}']
                               + ([f'--kfold={kfold}'] if kfold else []))}
+  if grouper:
+    info['grouped_by'] = cls.GROUP_RULE
+    info[f"n_{cls.GROUP_UNIT.replace(' ', '_')}s"] = len({cls.PATIENT(c) for c in case_images})
   written = []
   if all(p.official_split for p in pairs) and not kfold:
     splits = {s: sorted(p.case_id for p in pairs if p.official_split == s)

@@ -148,7 +148,7 @@ def test_make_splits_cli(tmp_path, capsys):
 
 
 def test_committed_split_files_are_disjoint():
-  for name in ('kvasir_seg', 'ph2', 'busi'):
+  for name in ('kvasir_seg', 'ph2', 'busi', 'lgg_brain_mri', 'ddti_thyroid_us'):
     d = os.path.join(os.path.dirname(data_prep.__file__), 'splits', name)
     sp = splitting.read_split_files(d)
     assert sp is not None, d
@@ -289,8 +289,8 @@ def test_build_is_callable_after_cli_import(tmp_path):
 
 
 def test_registry_names():
-  assert {'synthetic_lesions', 'kvasir_seg', 'ph2', 'busi', 'isic2018',
-          'lesion_folder'} <= set(data_prep.DATASETS)
+  assert {'synthetic_lesions', 'kvasir_seg', 'ph2', 'busi', 'lgg_brain_mri', 'ddti_thyroid_us',
+          'isic2018', 'lesion_folder'} <= set(data_prep.DATASETS)
   info = data_prep.DATASETS['kvasir_seg']
   assert info.organ == 'colon' and info.modality == 'colonoscopy' and info.needs_manual_dir
   assert not data_prep.DATASETS['synthetic_lesions'].needs_manual_dir

@@ -55,6 +55,7 @@ def predict_probabilities(segment: Callable, params, cases: Sequence[input_pipel
 
 def score_cases(cases: Sequence[input_pipeline.EvalCase], probabilities: Sequence[np.ndarray],
                 threshold: float) -> list[dict]:
+  """One row per case; `missed` = 1 when the truth has a lesion and Dice is exactly 0 (lesion missed)."""
   rows = []
   for case, prob in zip(cases, probabilities):
     pred = prob >= threshold
@@ -62,21 +63,25 @@ def score_cases(cases: Sequence[input_pipeline.EvalCase], probabilities: Sequenc
            'height': case.mask.shape[0], 'width': case.mask.shape[1]}
     row.update(metrics_lib.segmentation_metrics(pred, case.mask))
     row['ece'] = metrics_lib.expected_calibration_error(prob, case.mask)
+    row['missed'] = int(bool(np.any(case.mask)) and row['dice'] == 0.0)
     rows.append(row)
   return rows
 
 
 def summarise(rows_by_dataset: dict[str, list[dict]]) -> dict:
+  """Per-dataset means (`miss_rate` = mean of `missed` over all images) and their unweighted mean."""
   datasets = {}
   for name, rows in rows_by_dataset.items():
     means = metrics_lib.mean_metrics(rows, keys=('dice', 'iou', 'hd95', 'ece'))
+    means['miss_rate'] = metrics_lib.mean_metrics(rows, keys=('missed',))['missed']
     datasets[name] = {'n': len(rows), **means}
-  mean = {key: float(np.mean([d[key] for d in datasets.values()])) for key in ('dice', 'iou', 'hd95', 'ece')}
+  keys = ('dice', 'iou', 'hd95', 'ece', 'miss_rate')
+  mean = {key: float(np.mean([d[key] for d in datasets.values()])) for key in keys}
   return {'datasets': datasets, 'mean': mean}
 
 
 def write_per_case_csv(path: str, rows: Sequence[dict]) -> None:
-  fields = ['dataset', 'case_id', 'height', 'width', 'dice', 'iou', 'hd95', 'ece']
+  fields = ['dataset', 'case_id', 'height', 'width', 'dice', 'iou', 'hd95', 'ece', 'missed']
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
     writer.writeheader()
