@@ -16,14 +16,16 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation outputs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'sweep'],
-                  'train: train then evaluate on the test split; eval: evaluate a checkpoint; predict: segment '
-                  'image files; sweep: evaluate a checkpoint with several samplers, budgets and ensemble sizes.')
+flags.DEFINE_enum('mode', 'train', ['train', 'pretrain', 'eval', 'predict', 'sweep'],
+                  'train: train then evaluate on the test split; pretrain: phase 0 (the segmenter) only, then its '
+                  'test evaluation; eval: evaluate a checkpoint; predict: segment image files; sweep: evaluate a '
+                  'checkpoint with several samplers, budgets and ensemble sizes.')
 flags.DEFINE_integer('checkpoint_step', None,
                      'eval/predict/sweep: the checkpoint step (default: best by validation Dice).')
 flags.DEFINE_string('split', None, 'eval/sweep: the split to evaluate (default: config.data.test_split).')
 flags.DEFINE_string('input', None, 'predict: an image file or a folder of images.')
-flags.DEFINE_string('output', None, 'predict: the folder for the masks, probabilities, uncertainty and overlays.')
+flags.DEFINE_string('output', None, 'predict: the folder for the masks, probabilities, uncertainty and overlays; '
+                    'eval: the folder for summary.json and per_case.csv (default WORKDIR/eval/SPLIT).')
 flags.DEFINE_string('sweep', 'staged,ddim:5,ddim:10,ddim:25,ddim:100,ddpm:50',
                     'sweep: comma-separated samplers with budgets (staged, ddim:N, ddpm:N).')
 flags.DEFINE_string('ensemble_sizes', '1', 'sweep: comma-separated ensemble sizes, e.g. 1,3,5.')
@@ -38,9 +40,12 @@ def _setup_runtime() -> None:
   if any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
                                    'MEGASCALE_COORDINATOR_ADDRESS')):
     jax.distributed.initialize()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-  tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+  try:  # TensorFlow (TFDS, TensorBoard writers) stays off the accelerators; the project runs without it.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+  except ImportError:
+    pass
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR',
                          os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
   jax.config.update('jax_compilation_cache_dir', cache)
@@ -65,8 +70,8 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     logging.info('JAX process %d / %d, local devices: %s', jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.mode in ('train', 'pretrain'):
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, pretrain_only=FLAGS.mode == 'pretrain')
     elif FLAGS.mode == 'predict':
       if not FLAGS.input or not FLAGS.output:
         raise app.UsageError('--mode=predict needs --input=FILE_OR_FOLDER and --output=DIR')
@@ -79,7 +84,7 @@ def main(argv):
                       checkpoint_step=FLAGS.checkpoint_step, split=FLAGS.split)
     else:
       train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, checkpoint_step=FLAGS.checkpoint_step,
-                                split=FLAGS.split)
+                                split=FLAGS.split, out_dir=FLAGS.output)
   except errors.USER_ERRORS as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)

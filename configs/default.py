@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.datasets = 'synthetic_lesions'
   config.data.mixture_weights = ''  # comma-separated, one per dataset; '' = balanced per dataset
   config.data.data_dir = os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
+  config.data.pack_dir = ''  # read resized numpy packs from here instead of TFDS (unisegdiff_jax.packs)
   config.data.train_split = 'train'
   config.data.val_split = 'val'
   config.data.test_split = 'test'

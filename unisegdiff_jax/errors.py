@@ -4,13 +4,14 @@ from __future__ import annotations
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  import data_prep  # pylint: disable=g-import-not-at-top
-  from unisegdiff_jax import checkpointing, diffusion, image_io, train, weights  # pylint: disable=g-import-not-at-top
-  found = [diffusion.StageTableError, train.ConfigError, train.NonFiniteError, checkpointing.CheckpointError,
-           image_io.ImageReadError, weights.WeightLoadError]
-  for name in ('DatasetNotBuiltError', 'BuildInputError'):
-    if hasattr(data_prep, name):
-      found.append(getattr(data_prep, name))
+  from unisegdiff_jax import checkpointing, diffusion, image_io, packs, train, weights  # pylint: disable=g-import-not-at-top
+  found = [packs.PackError, diffusion.StageTableError, train.ConfigError, train.NonFiniteError,
+           checkpointing.CheckpointError, image_io.ImageReadError, weights.WeightLoadError]
+  try:
+    import data_prep  # pylint: disable=g-import-not-at-top  (needs TFDS; packs work without it)
+    found += [data_prep.DatasetNotBuiltError, data_prep.BuildInputError]
+  except ImportError:
+    pass
   return tuple(found)
 
 

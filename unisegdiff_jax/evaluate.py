@@ -115,7 +115,10 @@ def write_overlay_grid(path: str, cases: Sequence[input_pipeline.EvalCase],
   grid = Image.new('RGB', (3 * tile, len(cases) * tile), 'white')
   for row, (case, prob) in enumerate(zip(cases, probabilities)):
     pred = prob >= threshold
-    panels = [case.image, overlay(case.image, case.mask, (40, 220, 40)), overlay(case.image, pred)]
+    image = case.image
+    if image.shape[:2] != case.mask.shape:  # a resized pack: show the image at the mask's native size
+      image = np.asarray(Image.fromarray(image).resize(case.mask.shape[::-1], Image.BILINEAR))
+    panels = [image, overlay(image, case.mask, (40, 220, 40)), overlay(image, pred)]
     for col, panel in enumerate(panels):
       grid.paste(_tile(panel, tile), (col * tile, row * tile))
   grid.save(path)

@@ -1,5 +1,8 @@
 """Grain pipelines over TFDS ArrayRecord data sources: decode, resize, augment, mix datasets, batch, shard.
 
+With `config.data.pack_dir` set, the sources are resized packs (`unisegdiff_jax.packs`) instead: numpy files
+that need neither TensorFlow nor TFDS.
+
 Records (see data_prep) hold `image` [H, W, 3] uint8 at native resolution, `mask` [H, W, 1] uint8 in {0, 1},
 `case_id`, `dataset`, `organ`, `modality`. Training batches hold `image` [b, S, S, 3] float32 in [-1, 1] and
 `mask` [b, S, S, 1] float32 in {0, 1}, b = global batch / process count (each JAX process reads its own
@@ -9,6 +12,7 @@ shard of every dataset).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -17,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-import data_prep
+from unisegdiff_jax import packs
 
 
 def dataset_names(data_config: ml_collections.ConfigDict) -> list[str]:
@@ -47,9 +51,18 @@ def mixture_weights(data_config: ml_collections.ConfigDict) -> list[float]:
   return [w / sum(weights) for w in weights]
 
 
-def load_source(name: str, split: str, data_dir: str):
-  """The ArrayRecord data source of one dataset split (builds the synthetic set on first use)."""
-  builder = data_prep.ensure_built(name, data_dir)
+def load_source(name: str, split: str, data_config: ml_collections.ConfigDict):
+  """One dataset split: the pack in `data_config.pack_dir` when set, else the TFDS ArrayRecord data source
+  (building the synthetic set on first use)."""
+  if data_config.get('pack_dir'):
+    path = packs.pack_path(data_config.pack_dir, name, split)
+    if not os.path.exists(path):
+      raise packs.PackError(f"no pack for dataset '{name}' split '{split}' at {path}: make it with "
+                       f'python -m unisegdiff_jax.packs --datasets={name} --image_size={data_config.image_size} '
+                       f'--out={data_config.pack_dir}')
+    return packs.PackSource(path, data_config.image_size)
+  import data_prep  # pylint: disable=g-import-not-at-top  (TFDS)
+  builder = data_prep.ensure_built(name, data_config.data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"dataset '{name}' has no split '{split}' (it has: {', '.join(builder.info.splits)})")
   return builder.as_data_source(split=split)
@@ -152,7 +165,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
                      f'{process_count} JAX processes')
   sources = []
   for name in dataset_names(data):
-    source = load_source(name, data.train_split, data.data_dir)
+    source = load_source(name, data.train_split, data)
     sources.append(ResizedSource(source, data.image_size) if data.cache_resized else source)
   ds = mixed_dataset(sources, mixture_weights(data), config.seed, process_index, process_count)
   ds = ds.random_map(TrainTransform(data.image_size, data.augment, data.max_rotation_degrees),
@@ -178,7 +191,7 @@ def eval_cases(config: ml_collections.ConfigDict, split: str, max_examples: int 
   """Evaluation cases per dataset (this process's shard), in a fixed order."""
   out = {}
   for name in dataset_names(config.data):
-    source = load_source(name, split, config.data.data_dir)
+    source = load_source(name, split, config.data)
     count = len(source) if not max_examples else min(max_examples, len(source))
     cases = []
     for i in range(jax.process_index(), count, jax.process_count()):

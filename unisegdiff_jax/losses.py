@@ -36,7 +36,7 @@ def soft_dice_loss(prob: jnp.ndarray, truth: jnp.ndarray, smooth: float = 1.0) -
 def staged_loss(predict: Callable[..., jnp.ndarray], mask: jnp.ndarray, rng: jax.Array,
                 process: diffusion.StagedDiffusion, *, timestep_sampling: str = 'uniform',
                 aux_weight: float = 0.0, aux_max_t: int | None = None, self_condition: bool = False,
-                recycling: float = 0.0):
+                recycling: float = 0.0, t: jnp.ndarray | None = None):
   """The UniSegDiff training loss for one batch.
 
   Args:
@@ -53,6 +53,7 @@ def staged_loss(predict: Callable[..., jnp.ndarray], mask: jnp.ndarray, rng: jax
     recycling: the probability that a sample whose stage predicts x0 builds x_t from the model's own
       (gradient-free) x0 estimate of pure noise at t = T-1 instead of the truth (Fu et al.'s recycling),
       so training sees what sampling sees after its first step; the target stays the true x0.
+    t: fixed timesteps [B] (analysis); default: drawn by `timestep_sampling`.
   Returns:
     (scalar loss, dict of scalar metrics incl. per-stage losses).
   """
@@ -62,7 +63,8 @@ def staged_loss(predict: Callable[..., jnp.ndarray], mask: jnp.ndarray, rng: jax
   lookup = process.lookup
   scale = process.mask_scale
   x0 = process.mask_to_x0(mask)
-  t = diffusion.sample_timesteps(t_rng, batch, process, timestep_sampling)
+  if t is None:
+    t = diffusion.sample_timesteps(t_rng, batch, process, timestep_sampling)
   eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
   stage_id = jnp.take(jnp.asarray(lookup.stage_id), t)
   target_id = jnp.take(jnp.asarray(lookup.target_id), t)

@@ -20,8 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
-from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unisegdiff_jax import checkpointing
@@ -32,6 +30,7 @@ from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import losses
 from unisegdiff_jax import pretrain
 from unisegdiff_jax import schedules
+from unisegdiff_jax import writers
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 
@@ -287,10 +286,9 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
     logging.info('%s: already trained (%d steps)', phase.name, step)
   hooks = []
   if jax.process_index() == 0 and step < phase.num_steps:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=phase.num_steps, writer=writer,
-                                                 every_steps=config.train.log_every_steps))
+    hooks.append(writers.ProgressHook(phase.num_steps, writer, config.train.log_every_steps))
   stopped, train_metrics = None, []
-  with _StopRequest() as stop, metric_writers.ensure_flushes(writer):
+  with _StopRequest() as stop:
     while step < phase.num_steps:
       batch = _global_batch(next(train_iter), runtime.batch_sharding)
       state, metrics = phase.step_fn(state, batch, runtime.step_rng)
@@ -326,6 +324,7 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
           checkpointing.save(manager, step, state, train_iter.get_state())
         stopped = stop.signal_name or f'max_steps_per_run={run_limit} reached'
         break
+  writer.flush()
   checkpointing.wait_until_finished(manager)  # a failed async save: CheckpointError, one line
   if stopped:
     message = f'{stopped}: saved {phase.name} checkpoint step {step} in {ckpt_dir}; rerun the same command to resume'
@@ -343,7 +342,7 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
 def _make_runtime(config: ml_collections.ConfigDict, workdir: str) -> _Runtime:
   mesh = create_mesh()
   _, step_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   return _Runtime(mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data')), writer, step_rng, eval_rng)
 
 
@@ -487,10 +486,12 @@ def _cached_summary(path: str, step: int) -> dict | None:
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, pretrain_only: bool = False) -> dict:
   """Phase 0 (segmenter pre-training, unless disabled), phase 1 (diffusion), then test evaluation.
 
-  Rerunning skips finished phases and resumes an unfinished one from its latest checkpoint.
+  Rerunning skips finished phases and resumes an unfinished one from its latest checkpoint. With
+  `pretrain_only` it stops after phase 0 and its test evaluation (the experiment runner trains phase 0 once
+  and hands it to every phase-1 arm through `config.pretrain.checkpoint`).
   """
   process = validate_config(config)
   check_workdir(workdir)
@@ -509,9 +510,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {'stopped_in': 'pretrain'}
     pretrained, seg_step = result
     seg_dir = os.path.join(seg_phase.directory, 'eval', split)
-    segmenter_summary = _cached_summary(os.path.join(seg_dir, 'summary.json'), seg_step) or _evaluate_phase(
-        seg_phase, pretrained, config, split, seg_dir, seg_step, runtime, config.data.max_eval_examples)
+    reused = (os.path.join(config.pretrain.checkpoint, 'pretrain', 'eval', split, 'summary.json')
+              if config.pretrain.checkpoint else None)  # a phase-0 workdir's own evaluation
+    segmenter_summary = ((reused and _cached_summary(reused, seg_step))
+                         or _cached_summary(os.path.join(seg_dir, 'summary.json'), seg_step)
+                         or _evaluate_phase(seg_phase, pretrained, config, split, seg_dir, seg_step, runtime,
+                                            config.data.max_eval_examples))
     print(f"Pre-trained segmenter: test Dice {segmenter_summary['mean']['dice']:.4f} (step {seg_step})", flush=True)
+    if pretrain_only:
+      return segmenter_summary
 
   phase = diffusion_phase(config, workdir, runtime, process, pretrained)
   result = run_phase(phase, config, runtime)
@@ -533,15 +540,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, checkpoint_step: int | None = None,
-                        split: str | None = None) -> dict:
-  """`--mode=eval`: evaluates a diffusion checkpoint (best by validation Dice unless a step is given)."""
+                        split: str | None = None, out_dir: str | None = None) -> dict:
+  """`--mode=eval`: evaluates a diffusion checkpoint (best by validation Dice unless a step is given) and
+  writes to `out_dir` (default <workdir>/eval/<split>)."""
   process = validate_config(config)
   runtime = _make_runtime(config, workdir)
   phase = diffusion_phase(config, workdir, runtime, process)
   params, step = load_params(config, workdir, phase, runtime, checkpoint_step)
   split = split or config.data.test_split
-  return _evaluate_phase(phase, params, config, split, os.path.join(workdir, 'eval', split), step, runtime,
-                         config.data.max_eval_examples)
+  return _evaluate_phase(phase, params, config, split, out_dir or os.path.join(workdir, 'eval', split), step,
+                         runtime, config.data.max_eval_examples)
 
 
 def load_params(config, workdir: str, phase: Phase, runtime: _Runtime, checkpoint_step: int | None = None):

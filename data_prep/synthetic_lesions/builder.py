@@ -1,4 +1,5 @@
-"""TFDS builder of `synthetic_lesions` (configs `default`: 1200/100/200, `tiny`: 32/8/8)."""
+"""TFDS builder of `synthetic_lesions` (configs `default`: 1200/100/200, `eval1k`: 1200/200/1000 for the
+experiment runner's paired statistics, `tiny`: 32/8/8)."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,8 @@ class SyntheticLesions(CodePathMixin, tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
       SyntheticConfig(name='default', description='train 1200 / val 100 / test 200'),
+      SyntheticConfig(name='eval1k', description='train 1200 / val 200 / test 1000 (experiments)',
+                      num_val=200, num_test=1000),
       SyntheticConfig(name='tiny', description='train 32 / val 8 / test 8 (tests)',
                       num_train=32, num_val=8, num_test=8),
   ]

@@ -1,0 +1,561 @@
+"""docs/RESULTS.md from the committed per-run outputs: `python -m experiments.report [--results=] [--out=]`.
+
+Reads only the results tree that experiments/run.py writes (`<results>/<dataset>/<arm>/seed<k>/`) and the
+sweep definitions (experiments.sweeps.SWEEPS, or any mapping of objects with name / question / arms /
+reference / datasets); writes the markdown page and its PNG plots (in results_png/ next to it). The
+statistics are experiments.stats; nothing in the page is typed by hand. Missing runs read "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Mapping
+
+import numpy as np
+
+from experiments import stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEGMENTER = 'segmenter'
+NOT_REAL = ('synthetic', 'unified')  # directories left out of "all real sets"
+ALL_REAL = 'all real sets'
+MARGIN = 1.0  # Dice points: the equivalence margin of 'no difference'
+# The plain reading names where a sweep's change does NOT help; the predicate picks the arms it concerns.
+CLAIMS: dict[str, tuple[str, Callable[[str], bool]]] = {
+    'targets': ('staging', lambda arm: 'stage' in arm), 'encoder': ('pre-training', lambda arm: True),
+    'unified': ('unification', lambda arm: True)}
+HYGIENE = (
+    'Checkpoints are chosen by validation Dice, the sampler budget on the validation split; the test split is '
+    'evaluated once per arm. The unit is the test image, its Dice averaged over seeds. Intervals are 95 % paired '
+    'bootstrap intervals ({n} resamples, stratified by dataset for cross-dataset means); p-values are Wilcoxon '
+    'signed-rank, Holm-corrected within a sweep and dataset. A difference is called only if the 95 % interval '
+    'excludes 0 and every seed agrees; "no difference" only when the 90 % interval lies inside ±{m:g} Dice point; '
+    'otherwise "undecided". Failure = Dice < 0.5 on the seed-averaged image; miss = a lesion with Dice 0.')
+
+
+@dataclasses.dataclass
+class Run:
+  """One seed's outputs; `dataset` selects the summary block (and the per-case rows of a unified run)."""
+  seed: int
+  summary: dict
+  cases: list[dict]
+  curve: list[tuple[int, float]]
+  record: dict  # run.json, {} when absent
+  dataset: str
+
+  def scores(self) -> stats.Scores:
+    return {(c['dataset'], c['case_id']): float(c['dice']) for c in self.cases}
+
+  def dice(self) -> float:
+    """The dataset Dice of summary.json (the mean of the per-case rows where it has none)."""
+    return float(self.block().get('dice', np.mean(list(self.scores().values()))))
+
+  def block(self) -> dict:
+    per_dataset = self.summary.get('datasets', {})
+    if self.dataset in per_dataset:
+      return per_dataset[self.dataset]
+    return next(iter(per_dataset.values())) if len(per_dataset) == 1 else self.summary.get('mean', {})
+
+
+def _json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _csv(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def seed_dirs(path: str) -> dict[int, str]:
+  """{seed: directory} of `path`'s seed<k> subdirectories, by seed."""
+  names = os.listdir(path) if os.path.isdir(path) else []
+  found = {int(n[4:]): os.path.join(path, n) for n in names if n.startswith('seed') and n[4:].isdigit()}
+  return dict(sorted(found.items()))
+
+
+def read_run(directory: str, seed: int, dataset: str, only: str | None = None) -> Run | None:
+  summary, cases = _json(os.path.join(directory, 'summary.json')), _csv(os.path.join(directory, 'per_case.csv'))
+  cases = [c for c in cases if only is None or c['dataset'] == only]
+  if summary is None or not cases:
+    return None
+  curve = [(int(float(r['step'])), float(r['val_dice'])) for r in _csv(os.path.join(directory, 'curve.csv'))]
+  return Run(seed, summary, cases, curve, _json(os.path.join(directory, 'run.json')) or {}, only or dataset)
+
+
+def load_arm(results: str, dataset: str, arm: str, from_unified: bool = False) -> dict[int, Run]:
+  """{seed: Run}; with `from_unified`, a real dataset without its own `arm` takes its rows of `unified/<arm>`."""
+  path, only = os.path.join(results, dataset, arm), None
+  if from_unified and not os.path.isdir(path) and dataset not in NOT_REAL:
+    path, only = os.path.join(results, 'unified', arm), dataset
+  runs = {s: read_run(d, s, dataset, only) for s, d in seed_dirs(path).items()}
+  return {s: r for s, r in runs.items() if r is not None}
+
+
+def scores(runs: Mapping[int, Run]) -> stats.Arm:
+  return {s: r.scores() for s, r in runs.items()}
+
+
+def combine(per_dataset: Mapping[str, Mapping[int, Run]]) -> stats.Arm:
+  """An arm's scores over its datasets on the seeds it has in all of them; {} with fewer than 2 datasets."""
+  present = [runs for runs in per_dataset.values() if runs]
+  if len(present) < 2:
+    return {}
+  seeds = sorted(set.intersection(*(set(runs) for runs in present)))
+  return {s: {k: v for runs in present for k, v in runs[s].scores().items()} for s in seeds}
+
+
+def compare_rows(arms: Mapping[str, stats.Arm], pairs, n_resamples: int) -> list[dict]:
+  """stats.compare rows (+ 'a', 'b', 'p_holm' within these rows) for the pairs whose arms both have data."""
+  rows = []
+  for a, b in dict.fromkeys(pairs):
+    if arms.get(a) and arms.get(b):
+      try:
+        rows.append({'a': a, 'b': b, **stats.compare(arms[a], arms[b], n_resamples=n_resamples,
+                                                      margin_points=MARGIN)})
+      except ValueError:  # no image in common
+        pass
+  for row, p in zip(rows, stats.holm([r['p_wilcoxon'] for r in rows])):
+    row['p_holm'] = float(p)
+  return rows
+
+
+def sweep_pairs(sweep) -> list[tuple[str, str]]:
+  """Every arm against the sweep's reference and against the segmenter."""
+  pairs = []
+  for _, arm in sweep.arms:
+    if arm != sweep.reference:
+      pairs.append((arm, sweep.reference))
+    if SEGMENTER not in (arm, sweep.reference):
+      pairs.append((arm, SEGMENTER))
+  return pairs
+
+
+def mean_curve(runs: Mapping[int, Run]) -> tuple[list[int], list[float]] | None:
+  """The seed-mean validation curve on the steps every seed's curve has."""
+  curves = [dict(r.curve) for r in runs.values() if r.curve]
+  if not curves:
+    return None
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  return (steps, [float(np.mean([c[s] for c in curves])) for s in steps]) if steps else None
+
+
+def first_crossing(curve: tuple[list[int], list[float]], target: float) -> int | None:
+  return next((s for s, v in zip(*curve) if v >= target), None)
+
+
+def budget_label(sampler: str, ensemble_size: int) -> str:
+  """'ddim:10', 5 -> 'ddim10_x5' (the runner's budget_test directory name)."""
+  name, _, steps = sampler.partition(':')
+  return f'{name}{steps}_x{ensemble_size}'
+
+
+def budget_settings(vals: Mapping[int, dict]) -> list[dict]:
+  """The budget_val.json rows of all seeds grouped by setting: NFE, mean Dice and s/image over seeds."""
+  groups: dict[tuple, list[dict]] = {}
+  for data in vals.values():
+    for row in data.get('rows', []):
+      groups.setdefault((row['sampler'], int(row['ensemble_size']), row.get('fusion', '')), []).append(row)
+  out = [{'sampler': sampler, 'ensemble_size': k, 'fusion': fusion, 'label': budget_label(sampler, k),
+          'nfe': rows[0].get('nfe_per_image'), 'seeds': len(rows), 'dice': np.mean([r['dice'] for r in rows]),
+          'seconds': np.mean([r.get('seconds_per_image', np.nan) for r in rows])}
+         for (sampler, k, fusion), rows in groups.items()]
+  return sorted(out, key=lambda r: (r['nfe'] or 0, r['sampler'], r['ensemble_size']))
+
+
+def read_budget(directory: str, dataset: str) -> tuple[dict[int, dict], dict[str, dict[int, Run]]]:
+  """({seed: budget_val.json}, {setting label: {seed: Run}}) from an arm's seed directories."""
+  vals: dict[int, dict] = {}
+  tests: dict[str, dict[int, Run]] = {}
+  for seed, path in seed_dirs(directory).items():
+    if (val := _json(os.path.join(path, 'budget_val.json'))) is not None:
+      vals[seed] = val
+    root = os.path.join(path, 'budget_test')
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+      if (run := read_run(os.path.join(root, name), seed, dataset)) is not None:
+        tests.setdefault(name, {})[seed] = run
+  return vals, tests
+
+
+class Staleness:
+  """Whether a run's commit still matches HEAD's unisegdiff_jax/ and configs/ (subprocess git)."""
+
+  def __init__(self, repo: str = REPO):
+    self.repo, self._changed, self.notes = repo, {}, {}
+
+  def _git(self, *args: str) -> subprocess.CompletedProcess | None:
+    try:
+      return subprocess.run(['git', *args], cwd=self.repo, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  def head(self) -> str:
+    done = self._git('rev-parse', 'HEAD')
+    return done.stdout.strip() if done is not None and done.returncode == 0 else 'unknown'
+
+  def reason(self, record: Mapping) -> str | None:
+    commit = str(record.get('commit') or 'unknown')
+    if commit == 'unknown':
+      return 'commit unknown'
+    if record.get('dirty'):
+      return f'run from a modified tree at {commit[:8]}'
+    if commit not in self._changed:
+      done = self._git('diff', '--quiet', commit, 'HEAD', '--', 'unisegdiff_jax', 'configs')
+      self._changed[commit] = None if done is None or done.returncode not in (0, 1) else done.returncode == 1
+    changed = self._changed[commit]
+    if changed is None:
+      return f'staleness unknown (git could not compare {commit[:8]} with HEAD)'
+    return f'unisegdiff_jax/ or configs/ changed since {commit[:8]}' if changed else None
+
+  def mark(self, where: str, runs: Mapping[int, Run]) -> str:
+    """' ⚠[^n]' with a footnote listing the reasons, or ''."""
+    reasons = sorted({f'seed {s}: {why}' for s, r in runs.items() if (why := self.reason(r.record))})
+    if not reasons:
+      return ''
+    self.notes.setdefault(where, '; '.join(reasons))
+    return f' ⚠[^{list(self.notes).index(where) + 1}]'
+
+
+def _pct(x) -> str:
+  return '–' if x is None or not np.isfinite(x) else f'{100 * x:.1f}'
+
+
+def _num(x, fmt: str = '.1f') -> str:
+  return '–' if x is None or not np.isfinite(x) else format(x, fmt)
+
+
+def _p(p: float) -> str:
+  return '<0.001' if p < 0.001 else f'{p:.3f}'
+
+
+def _seed_mean(runs: Mapping[int, Run]) -> np.ndarray:
+  tables = [r.scores() for r in runs.values()]
+  keys = set.intersection(*(set(t) for t in tables))
+  return np.array([np.mean([t[k] for t in tables]) for k in sorted(keys)])
+
+
+def _miss(run: Run) -> float | None:
+  if 'miss_rate' in run.block():
+    return run.block()['miss_rate']
+  missed = [float(c['missed']) for c in run.cases if c.get('missed') not in (None, '')]
+  return float(np.mean(missed)) if missed else None
+
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+ARM_HEADER = ['| arm | seeds | n | Dice % (min–max over seeds) | IoU % | HD95 px | failure % | miss % | NFE | '
+              's/image | device | wall min |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|']
+CMP_HEADER = ['| arm | vs | n | Dice % | vs Dice % | diff (points) | 95 % CI | p (Wilcoxon) | p (Holm) | '
+              'per-seed diffs | verdict |', '|---|---|---:|---:|---:|---:|---|---:|---:|---|---|']
+
+
+def arm_row(label: str, runs: Mapping[int, Run], expected: int, mark: str) -> str:
+  if not runs:
+    return f'| {label} | not run |' + ' – |' * 10
+  blocks, dice = [r.block() for r in runs.values()], [r.dice() for r in runs.values()]
+  seeds = str(len(runs)) if len(runs) >= expected else f'{len(runs)} of {expected}'
+  nfe = sorted({str(r.summary['nfe_per_image']) for r in runs.values() if 'nfe_per_image' in r.summary})
+  devices = sorted({str(r.record.get('device') or r.summary.get('device', '?')) for r in runs.values()})
+  wall = _mean([r.record['wall_seconds'] / 60 for r in runs.values() if 'wall_seconds' in r.record])
+  cells = [label + mark, seeds, str(len(_seed_mean(runs))),
+           f'{_pct(np.mean(dice))} ({_pct(min(dice))}–{_pct(max(dice))})',
+           _pct(_mean([b.get('iou') for b in blocks])), _num(_mean([b.get('hd95') for b in blocks])),
+           _pct(stats.failure_rate(_seed_mean(runs))), _pct(_mean([_miss(r) for r in runs.values()])),
+           '/'.join(nfe) or '–', _num(_mean([r.summary.get('seconds_per_image') for r in runs.values()]), '.3f'),
+           ', '.join(devices), _num(wall)]
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def cmp_row(row: dict, labels: Mapping[str, str]) -> str:
+  seeds = ', '.join(f's{s} {d:+.1f}' for s, d in row['seed_diffs'].items()) or '(no shared seed)'
+  cells = [labels.get(row['a'], row['a']), labels.get(row['b'], row['b']), str(row['n']), f"{row['mean_a']:.1f}",
+           f"{row['mean_b']:.1f}", f"{row['diff']:+.1f}", f"[{row['ci95'][0]:+.1f}, {row['ci95'][1]:+.1f}]",
+           _p(row['p_wilcoxon']), _p(row['p_holm']), seeds, f"**{row['verdict']}**"]
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_curves(path: str, title: str, curves: Mapping[str, tuple[Mapping[int, Run], tuple]], target) -> None:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for i, (label, (runs, mean)) in enumerate(curves.items()):
+    colour = f'C{i % 10}'
+    for run in runs.values():
+      if run.curve:
+        ax.plot(*zip(*run.curve), color=colour, lw=0.6, alpha=0.4)
+    ax.plot(mean[0], mean[1], color=colour, lw=2, label=label)
+  if target is not None:
+    ax.axhline(target, color='k', ls=':', lw=1, label='reference final')
+  ax.set(xlabel='training step', ylabel='validation Dice', title=title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_budget(path: str, title: str, settings: list[dict], segmenter: tuple | None, tested: list[tuple]) -> None:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  ax.scatter([s['seconds'] for s in settings], [100 * s['dice'] for s in settings], c='C0', label='setting (val)')
+  for s in settings:
+    ax.annotate(s['label'], (s['seconds'], 100 * s['dice']), fontsize=6, xytext=(3, 3), textcoords='offset points')
+  for label, seconds, dice in tested:
+    ax.scatter([seconds], [100 * dice], c='C2', marker='D', label=f'{label} (test)')
+  if segmenter is not None:
+    ax.scatter([segmenter[0]], [100 * segmenter[1]], c='C3', marker='*', s=150, label='segmenter (test)')
+  if all(s['seconds'] > 0 for s in settings):
+    ax.set_xscale('log')
+  ax.set(xlabel='seconds per image', ylabel='Dice %', title=title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+class Report:
+  """Builds the page section by section; `findings` feeds the plain reading."""
+
+  def __init__(self, results: str, out: str, sweeps: Mapping, n_resamples: int, expected_seeds: int,
+               staleness: Staleness | None = None):
+    self.results, self.sweeps, self.n, self.expected = results, sweeps, n_resamples, expected_seeds
+    self.out_dir = os.path.dirname(os.path.abspath(out))
+    self.png_dir = os.path.join(self.out_dir, 'results_png')
+    self.stale = staleness or Staleness()
+    self.findings: list[dict] = []  # title, claim, reference, labels, rows, not_run
+    self._arms: dict[tuple[str, str, bool], dict[int, Run]] = {}
+    self.computed: dict[tuple[str, str], list[dict]] = {}
+
+  def arm(self, dataset: str, arm: str, sweep=None) -> dict[int, Run]:
+    """A unified sweep's arms other than its reference come from `unified/` where a dataset lacks them."""
+    key = (dataset, arm, sweep is not None and 'unified' in sweep.datasets and arm not in (sweep.reference, SEGMENTER))
+    if key not in self._arms:
+      self._arms[key] = load_arm(self.results, *key)
+    return self._arms[key]
+
+  def finding(self, title: str, sweep, rows: list[dict], labels: Mapping[str, str], not_run=(), reference=None):
+    self.findings.append({'title': title, 'claim': CLAIMS.get(sweep.name), 'reference': reference or sweep.reference,
+                          'labels': labels, 'rows': rows, 'not_run': list(not_run)})
+
+  def png(self, name: str) -> str:
+    os.makedirs(self.png_dir, exist_ok=True)
+    return os.path.join(self.png_dir, name)
+
+  def link(self, path: str, alt: str) -> str:
+    return f'![{alt}]({os.path.relpath(path, self.out_dir).replace(os.sep, "/")})'
+
+  @staticmethod
+  def labels(sweep) -> dict[str, str]:
+    return {SEGMENTER: 'segmenter (phase 0)', **{arm: label for label, arm in sweep.arms}}
+
+  def sweep_section(self, sweep) -> list[str]:
+    lines, labels = [f'## Sweep `{sweep.name}`', '', sweep.question, ''], self.labels(sweep)
+    names = list(dict.fromkeys([arm for _, arm in sweep.arms] + [SEGMENTER]))
+    for dataset in sweep.datasets:
+      lines += [f'### {sweep.name} — {dataset}', '']
+      runs = {arm: self.arm(dataset, arm, sweep) for arm in names}
+      if not any(runs[arm] for _, arm in sweep.arms):
+        lines += ['_not run_', '']
+        continue
+      shown = [arm for _, arm in sweep.arms]
+      shown += [SEGMENTER] if runs[SEGMENTER] and SEGMENTER not in shown else []
+      lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected, self.stale.mark(f'{dataset}/{a}', runs[a]))
+                             for a in shown] + ['']
+      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n)
+      self.computed[sweep.name, dataset] = rows
+      self.finding(f'{sweep.name} / {dataset}', sweep, rows, labels, [labels[a] for a in shown if not runs[a]])
+      lines += (CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']) + ['']
+    real = [d for d in sweep.datasets if d not in NOT_REAL]
+    combined = {a: combine({d: self.arm(d, a, sweep) for d in real}) for a in names}
+    rows = compare_rows(combined, sweep_pairs(sweep), self.n)
+    if rows:
+      self.computed[sweep.name, ALL_REAL] = rows
+      self.finding(f'{sweep.name} / {ALL_REAL}', sweep, rows, labels)
+      lines += [f'### {sweep.name} — {ALL_REAL} (stratified by dataset)', '', *CMP_HEADER,
+                *[cmp_row(r, labels) for r in rows], '']
+    extra = {'targets': self.convergence, 'budget': self.budget, 'unified': self.unified}.get(sweep.name)
+    return lines + (extra(sweep) if extra else [])
+
+  def convergence(self, sweep) -> list[str]:
+    lines, labels = [f'### Convergence ({sweep.name})', ''], self.labels(sweep)
+    for dataset in sweep.datasets:
+      curves = {arm: (runs := self.arm(dataset, arm, sweep), mean_curve(runs)) for _, arm in sweep.arms}
+      curves = {arm: c for arm, c in curves.items() if c[1] is not None}
+      if not curves:
+        lines += [f'{dataset}: _no curve.csv_', '']
+        continue
+      target = curves[sweep.reference][1][1][-1] if sweep.reference in curves else None
+      path = self.png(f'convergence_{sweep.name}_{dataset}.png')
+      plot_curves(path, f'{dataset}: validation Dice', {labels[a]: c for a, c in curves.items()}, target)
+      lines += [f'**{dataset}** — first step at which the seed-mean validation Dice reaches the final validation '
+                f'Dice of {labels.get(sweep.reference, sweep.reference)} ({_pct(target)} %)', '',
+                '| arm | seeds with a curve | final val Dice % | first step reaching it |', '|---|---:|---:|---:|']
+      for arm, (runs, mean) in curves.items():
+        step = first_crossing(mean, target) if target is not None else None
+        reach = '–' if target is None else ('never' if step is None else str(step))
+        lines.append(f'| {labels[arm]} | {sum(bool(r.curve) for r in runs.values())} | {_pct(mean[1][-1])} | {reach} |')
+      lines += ['', self.link(path, f'convergence {dataset}'), '']
+    return lines
+
+  def budget(self, sweep) -> list[str]:
+    lines = [f'### Budget ({sweep.name}): chosen on validation, tested once', '']
+    for dataset in sweep.datasets:
+      for label, arm in sweep.arms:
+        vals, tests = read_budget(os.path.join(self.results, dataset, arm), dataset)
+        if not vals:
+          lines += [f'{dataset} / {label}: _not run_', '']
+          continue
+        settings = budget_settings(vals)
+        lines += [f'**{dataset} / {label}** — validation ({len(vals)} seeds)', '',
+                  '| sampler | ensemble | fusion | NFE | val Dice % (mean over seeds) | seeds | s/image | chosen |',
+                  '|---|---:|---|---:|---:|---:|---:|---|']
+        lines += [f"| {s['sampler']} | {s['ensemble_size']} | {s['fusion']} | {s['nfe']} | {_pct(s['dice'])} | "
+                  f"{s['seeds']} | {_num(s['seconds'], '.3f')} | {'✓' if s['label'] in tests else ''} |"
+                  for s in settings]
+        seg = self.arm(dataset, SEGMENTER)
+        names = {f'{arm}@{name}': f'{label}, {name} (test)' for name in tests}
+        arms = {**{f'{arm}@{n}': scores(r) for n, r in tests.items()}, SEGMENTER: scores(seg)}
+        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n)
+        labels = {**names, SEGMENTER: 'segmenter (phase 0)'}
+        lines += ['', f"Chosen: {', '.join(tests) or '_none tested yet_'}", '']
+        if rows:
+          lines += CMP_HEADER + [cmp_row(r, labels) for r in rows] + ['']
+          self.finding(f'{sweep.name} / {dataset} (chosen setting, test)', sweep, rows, labels, reference=SEGMENTER)
+        path = self.png(f'budget_{dataset}_{arm}.png')
+        plot_budget(path, f'{dataset}: Dice vs time per image', settings, _point(seg) if seg else None,
+                    [(n, *_point(t)) for n, t in tests.items()])
+        lines += [self.link(path, f'budget {dataset}'), '']
+    return lines
+
+  def unified(self, sweep) -> list[str]:
+    labels = self.labels(sweep)
+    lines = ['### Unified vs per-dataset models (paired by dataset and case)', '',
+             '| dataset | arm | Dice % | per-dataset Dice % | diff (points) | 95 % CI | verdict |',
+             '|---|---|---:|---:|---:|---|---|']
+    for dataset in [d for d in sweep.datasets if d not in NOT_REAL] + [ALL_REAL]:
+      rows = [r for r in self.computed.get((sweep.name, dataset), []) if r['b'] == sweep.reference]
+      lines += [f"| {dataset} | {labels[r['a']]} | {r['mean_a']:.1f} | {r['mean_b']:.1f} | {r['diff']:+.1f} | "
+                f"[{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | **{r['verdict']}** |" for r in rows]
+      if not rows:
+        lines.append(f'| {dataset} | not run | – | – | – | – | – |')
+    return lines + ['']
+
+  def attention(self) -> list[str]:
+    root, lines = os.path.join(self.results, 'attention'), []
+    for dataset in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+      for arm in sorted(os.listdir(os.path.join(root, dataset))) if os.path.isdir(os.path.join(root, dataset)) else []:
+        rows = _csv(os.path.join(root, dataset, arm, 'attention.csv'))
+        if not rows:
+          continue
+        lines += [f'### {dataset} / {arm}', '', '| ' + ' | '.join(rows[0]) + ' |', '|' + '---:|' * len(rows[0])]
+        lines += ['| ' + ' | '.join(_cell(v) for v in row.values()) + ' |' for row in rows] + ['']
+        png = os.path.join(root, dataset, arm, 'attention.png')
+        lines += [self.link(png, f'attention {dataset} {arm}'), ''] if os.path.exists(png) else []
+    return ['## Attention analysis', '', *lines] if lines else []
+
+  def plain_reading(self) -> list[str]:
+    lines = ['## Plain reading', '']
+    for f in self.findings:
+      labels, rows, reference, parts = f['labels'], f['rows'], f['reference'], []
+      for target in dict.fromkeys([reference, SEGMENTER]):
+        vs = [r for r in rows if r['b'] == target]
+        if not vs:
+          continue
+        groups = {v: [f"{labels.get(r['a'], r['a'])} ({r['diff']:+.1f})" for r in vs if r['verdict'] == v]
+                  for v in ('better', 'worse', 'no difference', 'undecided')}
+        said = '; '.join(f"{v}: {', '.join(g)}" for v, g in groups.items() if g)
+        parts.append(f"vs {labels.get(target, target)} — {said}")
+      claim = f['claim']
+      no_help = [f"{labels[r['a']]} ({r['verdict']})" for r in rows if claim and r['b'] == reference
+                 and r['a'] != SEGMENTER and claim[1](r['a']) and r['verdict'] != 'better']
+      if no_help:
+        parts.append(f"**{claim[0]} does NOT help here** (not called better than "
+                     f"{labels.get(reference, reference)}): {', '.join(no_help)}")
+      if f['not_run']:
+        parts.append(f"not run: {', '.join(f['not_run'])}")
+      lines.append(f"- **{f['title']}**: " + ('. '.join(parts) if parts else 'no comparison possible') + '.')
+    return lines + ([] if self.findings else ['_nothing to compare yet_']) + ['']
+
+
+def _point(runs: Mapping[int, Run]) -> tuple[float, float]:
+  """(mean s/image, mean Dice) over seeds."""
+  return (_mean([r.summary.get('seconds_per_image') for r in runs.values()]) or 0.0,
+          float(np.mean([r.dice() for r in runs.values()])))
+
+
+def _cell(value: str) -> str:
+  try:
+    return f'{float(value):.4g}'
+  except ValueError:
+    return value
+
+
+def hardware(results: str) -> list[str]:
+  """One line per (device, hardware) found in run.json files, with the runs that used it."""
+  groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+  for directory, _, files in sorted(os.walk(results)):
+    record = _json(os.path.join(directory, 'run.json')) if 'run.json' in files else None
+    if record is not None:
+      where, seed = os.path.split(os.path.relpath(directory, results))
+      key = (str(record.get('device', 'unknown')), str(record.get('hardware', '')))
+      groups.setdefault(key, {}).setdefault(where.replace(os.sep, '/'), []).append(seed.removeprefix('seed'))
+  return [f"- {device}{f' ({hw})' if hw and hw != device else ''}: {sum(map(len, runs.values()))} runs — "
+          + ', '.join(f"{w} (seeds {', '.join(s)})" for w, s in runs.items())
+          for (device, hw), runs in sorted(groups.items())] or ['- no run.json found']
+
+
+def build(results: str, out: str, sweeps: Mapping, *, n_resamples: int = 10_000, expected_seeds: int = 3,
+          command: str = 'python -m experiments.report', staleness: Staleness | None = None) -> str:
+  """The page's markdown (writing its PNGs next to `out`)."""
+  report = Report(results, out, sweeps, n_resamples, expected_seeds, staleness)
+  body = [line for sweep in sweeps.values() for line in report.sweep_section(sweep)] + report.attention()
+  head = ['# Results', '', f'Generated by `{command}` on {datetime.date.today().isoformat()} at HEAD '
+          f'`{report.stale.head()}` from `{results}`; '
+          'do not edit by hand.', '', '**Hardware** (from run.json):', '', *hardware(results), '',
+          HYGIENE.format(n=f'{n_resamples:,}'.replace(',', ' '), m=MARGIN), '',
+          '⚠ marks an arm whose runs may not reflect HEAD (see the notes at the end).', '']
+  notes = ['## Staleness notes', '', *[f'[^{i}]: {where} — {why}' for i, (where, why) in
+                                       enumerate(report.stale.notes.items(), 1)], ''] if report.stale.notes else []
+  return '\n'.join(head + report.plain_reading() + body + notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--results', default=os.path.join('experiments', 'results'))
+  parser.add_argument('--out', default=os.path.join('docs', 'RESULTS.md'))
+  parser.add_argument('--n_resamples', type=int, default=10_000)
+  parser.add_argument('--seeds', type=int, default=3, help='seeds asked per arm (fewer found shows the count)')
+  args = parser.parse_args(argv)
+  from experiments.sweeps import SWEEPS  # pylint: disable=g-import-not-at-top
+  text = build(args.results, args.out, SWEEPS, n_resamples=args.n_resamples, expected_seeds=args.seeds,
+               command=' '.join(['python -m experiments.report', *argv]))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
+    f.write(text)
+  print(f'wrote {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,341 @@
+"""The experiment runner: `python -m experiments.run SWEEP[,SWEEP] [--seeds=0,1,2] [--datasets=...] [--dry_run]`.
+
+Every arm x seed x dataset is one `main.py` run in its own workdir (`--root`, default runs/experiments);
+phase 0 is trained once per (dataset, seed) (`--mode=pretrain`) and handed to every phase-1 arm through
+`--config.pretrain.checkpoint`. A finished run is skipped; an interrupted one resumes from its checkpoint
+(rerun the same command), so a sweep can span several sittings. `--jobs=N` runs N at once (an accelerator
+host); `--deadline_minutes` stops starting runs after that long and SIGTERMs (checkpoint + exit) what still
+runs a few minutes later. Each finished run's small outputs (summary.json, per_case.csv, curve.csv, run.json
+with the command, commit, device and wall time) are copied to `--results` (default experiments/results,
+committed); `python -m experiments.report` turns them into docs/RESULTS.md.
+
+The budget sweep evaluates every setting of sweeps.BUDGET_SETTINGS x BUDGET_ENSEMBLES on the VALIDATION split
+of the `default` arm's checkpoint, chooses the best mean validation Dice over the seeds, and evaluates only that
+setting on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from experiments import sweeps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Task:
+  key: str  # '<dataset>/<arm>/seed<k>' (+ '/budget_val', '/budget_test')
+  command: list[str]
+  workdir: str
+  results: str  # where the small outputs go
+  deps: tuple[str, ...] = ()
+  kind: str = 'train'  # pretrain | train | budget_val | budget_test
+  done: bool = False
+  failed: bool = False
+
+
+def commit() -> tuple[str, bool]:
+  """(HEAD commit, working tree dirty) or $UNISEGDIFF_COMMIT where git is unavailable (a device copy)."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = bool(subprocess.run(['git', 'status', '--porcelain', '--', 'unisegdiff_jax', 'configs', 'main.py'],
+                                cwd=REPO, capture_output=True, text=True).stdout.strip())
+    return head, dirty
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get('UNISEGDIFF_COMMIT', 'unknown'), os.environ.get('UNISEGDIFF_DIRTY', '0') == '1'
+
+
+def _steps(dataset: sweeps.Dataset) -> tuple[int, int]:
+  """(phase-0 steps, phase-1 steps) of a dataset's profile."""
+  sys.path.insert(0, REPO)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('_cfg', os.path.join(REPO, dataset.config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('smoke' if SMOKE else dataset.arg)
+  return int(config.pretrain.num_steps), int(config.train.num_steps)
+
+
+SMOKE = False  # --smoke: every dataset at the `smoke` profile (seconds per run; checks the plumbing)
+
+
+def _config_flag(dataset: sweeps.Dataset, tokens=()) -> str:
+  args = ','.join([a for a in ['smoke' if SMOKE else dataset.arg, *tokens] if a])
+  return f'--config={dataset.config}' + (f':{args}' if args else '')
+
+
+def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str]) -> list[Task]:
+  """The tasks of the sweeps in priority order (sweep order, then arm order, then dataset, then seed)."""
+  tasks: dict[str, Task] = {}
+  main_py = [sys.executable, os.path.join(REPO, 'main.py')]
+
+  def add(task: Task):
+    tasks.setdefault(task.key, task)
+
+  for name in sweep_names:
+    sweep = sweeps.SWEEPS[name]
+    for _, arm_name in sweep.arms:
+      for ds_name in sweep.datasets:
+        if datasets_filter and ds_name not in datasets_filter:
+          continue
+        dataset = sweeps.DATASETS[ds_name]
+        for seed in seeds:
+          overrides = [o for o in dataset.overrides if not (SMOKE and o.startswith('--config.data.datasets='))]
+          common = [f'--config.seed={seed}', *overrides, *extra]
+          phase0_key = f'{ds_name}/segmenter/seed{seed}'
+          phase0_dir = os.path.join(root, ds_name, 'phase0', f'seed{seed}')
+          arm = sweeps.ARMS.get(arm_name)
+          if arm is not None and (ds_name != arm.only_dataset if arm.only_dataset else ds_name == 'unified'):
+            continue  # unified arms run on the unified data only, the others never on it
+          if arm is None or arm.shared_phase0:
+            add(Task(phase0_key, [*main_py, '--mode=pretrain', _config_flag(dataset), f'--workdir={phase0_dir}',
+                                  *common], phase0_dir, os.path.join(results, phase0_key), kind='pretrain'))
+          if arm is None:  # 'segmenter': phase 0 itself
+            continue
+          key = f'{ds_name}/{arm_name}/seed{seed}'
+          workdir = os.path.join(root, ds_name, arm_name, f'seed{seed}')
+          command = [*main_py, _config_flag(dataset, arm.tokens), f'--workdir={workdir}', *common, *arm.overrides]
+          deps = ()
+          if arm.shared_phase0:
+            command.append(f'--config.pretrain.checkpoint={phase0_dir}')
+            deps = (phase0_key,)
+          pre_steps, steps = _steps(dataset)
+          if 'scratch' in arm.tokens:  # equal gradient steps: phase 0's are added to phase 1
+            command.append(f'--config.train.num_steps={steps + pre_steps}')
+          elif arm.steps_multiplier > 1:
+            command += [f'--config.train.num_steps={steps * arm.steps_multiplier}',
+                        f'--config.pretrain.num_steps={pre_steps * arm.steps_multiplier}']
+          add(Task(key, command, workdir, os.path.join(results, key), deps))
+          if name == 'budget':
+            add(Task(key + '/budget_val', [*command[:2], '--mode=sweep', '--split=val', *command[2:],
+                                           f'--sweep={sweeps.BUDGET_SETTINGS}',
+                                           f'--ensemble_sizes={sweeps.BUDGET_ENSEMBLES}'],
+                     workdir, os.path.join(results, key), (key,), kind='budget_val'))
+    if name == 'budget':
+      for ds_name in sweep.datasets:
+        if datasets_filter and ds_name not in datasets_filter:
+          continue
+        for seed in seeds:
+          key = f'{ds_name}/default/seed{seed}'
+          if key not in tasks:
+            continue
+          vals = tuple(f'{ds_name}/default/seed{s}/budget_val' for s in seeds)
+          base = tasks[key].command
+          add(Task(key + '/budget_test', base, tasks[key].workdir, tasks[key].results, vals, kind='budget_test'))
+  return list(tasks.values())
+
+
+def _finished(task: Task) -> bool:
+  if task.kind == 'budget_val':
+    return os.path.exists(os.path.join(task.results, 'budget_val.json'))
+  if task.kind == 'budget_test':
+    return os.path.isdir(os.path.join(task.results, 'budget_test'))
+  return os.path.exists(os.path.join(task.results, 'summary.json'))
+
+
+def _write_curve(workdir: str, name: str, out: str) -> None:
+  path = os.path.join(workdir, 'scalars.jsonl')
+  if not os.path.exists(path):
+    return
+  rows = []
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if name in row:
+        rows.append((row['step'], row[name]))
+  with open(out, 'w') as f:
+    f.write('step,val_dice\n' + ''.join(f'{s},{v:.6f}\n' for s, v in sorted(dict(rows).items())))
+
+
+def _device_of(summary_path: str) -> str:
+  with open(summary_path) as f:
+    return json.load(f).get('device', 'unknown')
+
+
+def collect(task: Task, started: float, run_commit: tuple[str, bool], hardware: str) -> None:
+  """Copies a finished run's small outputs to its results directory, with run.json."""
+  os.makedirs(task.results, exist_ok=True)
+  if task.kind == 'budget_val':
+    shutil.copy(os.path.join(task.workdir, 'eval', 'sweep', 'sweep.json'),
+                os.path.join(task.results, 'budget_val.json'))
+    return
+  if task.kind == 'budget_test':
+    return  # written by run_budget_test
+  if task.kind == 'pretrain':
+    eval_dir, curve_name = os.path.join(task.workdir, 'pretrain', 'eval', 'test'), 'pretrain/val/dice'
+  else:
+    eval_dir, curve_name = os.path.join(task.workdir, 'eval', 'test'), 'val/dice'
+  for name in ('summary.json', 'per_case.csv'):
+    shutil.copy(os.path.join(eval_dir, name), os.path.join(task.results, name))
+  _write_curve(task.workdir, curve_name, os.path.join(task.results, 'curve.csv'))
+  dataset, arm, seed = task.key.split('/')[:3]
+  record = {'arm': arm, 'dataset': dataset, 'seed': int(seed[4:]),
+            'command': [os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:]],
+            'commit': run_commit[0], 'dirty': run_commit[1], 'device': _device_of(os.path.join(eval_dir, 'summary.json')),
+            'hardware': hardware, 'wall_seconds': round(time.time() - started, 1),
+            'started': datetime.datetime.fromtimestamp(started).isoformat(timespec='seconds'),
+            'finished': datetime.datetime.now().isoformat(timespec='seconds')}
+  with open(os.path.join(task.results, 'run.json'), 'w') as f:
+    json.dump(record, f, indent=2)
+
+
+def choose_budget(results_dirs: list[str]) -> dict:
+  """The setting with the best validation Dice averaged over the seeds' budget_val.json files."""
+  scores: dict[tuple, list[float]] = {}
+  for directory in results_dirs:
+    with open(os.path.join(directory, 'budget_val.json')) as f:
+      for row in json.load(f)['rows']:
+        scores.setdefault((row['sampler'], row['ensemble_size'], row['fusion']), []).append(row['dice'])
+  complete = {k: v for k, v in scores.items() if len(v) == len(results_dirs)}
+  (sampler, k, fusion), _ = max(complete.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
+  return {'sampler': sampler, 'ensemble_size': k, 'fusion': fusion}
+
+
+def budget_test_command(task: Task, choice: dict) -> tuple[list[str], str, str]:
+  """(command, label, output directory) of the test evaluation of the setting chosen on validation."""
+  sampler, _, steps = choice['sampler'].partition(':')
+  label = f"{sampler}{steps}_x{choice['ensemble_size']}"
+  out = os.path.join(task.workdir, 'eval', 'budget_test', label)
+  flags = [f'--config.sampling.sampler={sampler}', f"--config.sampling.ensemble_size={choice['ensemble_size']}",
+           f"--config.sampling.fusion={choice['fusion']}"]
+  if steps:
+    flags.append(f'--config.sampling.{sampler}_steps={steps}')
+  return [*task.command[:2], '--mode=eval', f'--output={out}', *task.command[2:], *flags], label, out
+
+
+class Runner:
+  """Runs tasks with `jobs` workers, respecting dependencies, until done or past the deadline."""
+
+  def __init__(self, tasks: list[Task], jobs: int, deadline: float | None, hardware: str):
+    self.tasks, self.jobs, self.deadline, self.hardware = tasks, jobs, deadline, hardware
+    self.lock = threading.Lock()
+    self.running: dict[str, subprocess.Popen] = {}
+    self.commit = commit()
+    self.by_key = {t.key: t for t in tasks}
+
+  def _next(self) -> Task | None:
+    for task in self.tasks:
+      if task.done or task.failed or task.key in self.running:
+        continue
+      deps = [self.by_key.get(d) for d in task.deps]
+      if any(d is not None and d.failed for d in deps):
+        task.failed = True
+        print(f'skip {task.key}: a dependency failed', flush=True)
+        continue
+      if all(d is None or d.done for d in deps):
+        return task
+    return None
+
+  def _run(self, task: Task) -> None:
+    started = time.time()
+    command, label, out = task.command, None, None
+    if task.kind == 'budget_test':
+      dirs = [self.by_key[d].results for d in task.deps]
+      command, label, out = budget_test_command(task, choose_budget(dirs))
+    os.makedirs(task.workdir, exist_ok=True)
+    with open(os.path.join(task.workdir, f'log_{task.kind}.txt'), 'a') as log:
+      process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+      with self.lock:
+        self.running[task.key] = process
+      code = process.wait()
+    with self.lock:
+      del self.running[task.key]
+    finished = code == 0 and (task.kind in ('budget_val', 'budget_test') or os.path.exists(
+        os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'eval', 'test', 'summary.json')))
+    if finished and task.kind == 'budget_test':
+      kept = os.path.join(task.results, 'budget_test', label)
+      os.makedirs(kept, exist_ok=True)
+      for name in ('summary.json', 'per_case.csv'):
+        shutil.copy(os.path.join(out, name), os.path.join(kept, name))
+    elif finished:
+      collect(task, started, self.commit, self.hardware)
+    with self.lock:
+      task.done, task.failed = finished, not finished
+    minutes = (time.time() - started) / 60
+    state = 'done' if finished else f'stopped or failed (exit {code}; see {task.workdir}/log_{task.kind}.txt)'
+    print(f'{task.key}: {state} in {minutes:.1f} min', flush=True)
+
+  def run(self) -> int:
+    for task in self.tasks:
+      task.done = _finished(task)
+    todo = sum(not t.done for t in self.tasks)
+    print(f'{len(self.tasks)} tasks, {len(self.tasks) - todo} already finished, {todo} to run', flush=True)
+    threads: list[threading.Thread] = []
+    while True:
+      threads = [t for t in threads if t.is_alive()]
+      past_deadline = self.deadline is not None and time.time() > self.deadline
+      with self.lock:
+        task = None if past_deadline or len(threads) >= self.jobs else self._next()
+        if task is not None:
+          self.running[task.key] = None  # reserved
+      if task is not None:
+        thread = threading.Thread(target=self._run, args=(task,), daemon=True)
+        thread.start()
+        threads.append(thread)
+        continue
+      if not threads and (past_deadline or self._next() is None):
+        break
+      if past_deadline and self.deadline is not None and time.time() > self.deadline + 240:
+        for process in list(self.running.values()):
+          if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # checkpoint and exit; resumes next time
+      time.sleep(1.0)
+    left = [t.key for t in self.tasks if not t.done]
+    print(f'finished: {sum(t.done for t in self.tasks)} / {len(self.tasks)}; not finished: {len(left)}', flush=True)
+    return 0 if not any(t.failed for t in self.tasks) else 1
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   usage='python -m experiments.run SWEEPS [options] [-- --config.x=y ...]')
+  parser.add_argument('sweeps', help=f"comma-separated: {', '.join(sweeps.SWEEPS)}")
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--datasets', default='', help='comma-separated subset of each sweep\'s datasets')
+  parser.add_argument('--root', default=os.path.join(REPO, 'runs', 'experiments'))
+  parser.add_argument('--results', default=os.path.join(REPO, 'experiments', 'results'))
+  parser.add_argument('--jobs', type=int, default=1)
+  parser.add_argument('--deadline_minutes', type=float, default=0)
+  parser.add_argument('--hardware', default='', help='free text recorded with every run (default: the device kind)')
+  parser.add_argument('--seed_datasets', default='',
+                      help="per-dataset seed counts, e.g. 'kvasir_seg:2,busi:2' (default: --seeds everywhere)")
+  parser.add_argument('--dry_run', action='store_true', help='print the commands and exit')
+  parser.add_argument('--smoke', action='store_true', help='every dataset at its smoke profile (plumbing check)')
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra = argv[argv.index('--') + 1:] if '--' in argv else []  # more --config overrides for every run
+  args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
+  names = [n for n in args.sweeps.split(',') if n]
+  unknown = [n for n in names if n not in sweeps.SWEEPS]
+  if unknown:
+    print(f"error: unknown sweep {unknown[0]!r}; sweeps: {', '.join(sweeps.SWEEPS)}", file=sys.stderr)
+    return 2
+  global SMOKE
+  SMOKE = args.smoke
+  seeds = [int(s) for s in args.seeds.split(',') if s]
+  datasets = [d for d in args.datasets.split(',') if d]
+  tasks = plan(names, datasets, seeds, os.path.abspath(args.root), os.path.abspath(args.results), extra)
+  if args.seed_datasets:
+    limits = {k: int(v) for k, v in (item.split(':') for item in args.seed_datasets.split(','))}
+    tasks = [t for t in tasks if int(t.key.split('/')[2][4:]) < limits.get(t.key.split('/')[0], len(seeds))]
+  if args.dry_run:
+    for task in tasks:
+      state = 'finished' if _finished(task) else 'to run'
+      print(f'[{state}] {task.key}: {" ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:])}')
+    return 0
+  deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes > 0 else None
+  return Runner(tasks, args.jobs, deadline, args.hardware).run()
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,109 @@
+"""The experiments: datasets (a config file each), arms (config overrides) and sweeps (named lists of arms).
+
+An arm is applied on top of a dataset's CPU profile; every arm of a (dataset, seed) shares one phase-0
+segmenter (`--config.pretrain.checkpoint`), so arms differ only in what they test. The phase-0 segmenter
+itself is the arm `segmenter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  config: str  # config file
+  arg: str  # config-file argument (profile)
+  overrides: tuple[str, ...] = ()
+
+
+DATASETS = {
+    'synthetic': Dataset('configs/synthetic.py', '', ('--config.data.datasets=synthetic_lesions/eval1k',)),
+    'kvasir_seg': Dataset('configs/polyp.py', 'cpu'),
+    'busi': Dataset('configs/breast.py', 'cpu'),
+    'ph2': Dataset('configs/skin.py', 'cpu', ('--config.data.datasets=ph2',)),
+    'lgg_brain_mri': Dataset('configs/brain.py', 'cpu'),
+    'ddti_thyroid_us': Dataset('configs/thyroid.py', 'cpu'),
+    'unified': Dataset('configs/unified.py', 'cpu'),
+}
+UNIFIED_MEMBERS = ('kvasir_seg', 'ph2', 'busi', 'lgg_brain_mri', 'ddti_thyroid_us')
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  tokens: tuple[str, ...] = ()  # config-file argument tokens (stage presets, scratch/frozen/finetune)
+  overrides: tuple[str, ...] = ()  # --config.x=y
+  shared_phase0: bool = True  # False: no phase 0 (scratch); its steps are added to phase 1
+  steps_multiplier: int = 1  # phase-1 (and phase-0) steps x this (unified at equal total compute)
+  only_dataset: str | None = None
+
+
+_BCE_X0 = "--config.diffusion.stages=500:1000 x0 loss=bce_dice steps=1; 200:500 v steps=4; 0:200 eps steps=5"
+_ANCHOR = ('--config.pretrain.coarse_logits=True', '--config.model.self_condition=True', _BCE_X0,
+           '--config.loss.aux_weight=1.0')
+
+ARMS = {
+    # targets (equal steps, equal NFE: 10 per image); the encoder is the frozen phase-0 one.
+    'three_stage': Arm(('three_stage',)),
+    'two_stage': Arm(('two_stage',)),
+    'eps_only': Arm(('eps_only',)),
+    'x0_only': Arm(('x0_only',)),
+    'v_only': Arm(('v_only',)),
+    # encoder (three_stage is the frozen arm)
+    'scratch': Arm(('three_stage', 'scratch'), shared_phase0=False),
+    'finetune': Arm(('three_stage', 'finetune')),
+    'finetune_coarse': Arm(('three_stage', 'finetune'), ('--config.pretrain.coarse_logits=True',)),
+    # method (issue: make the diffusion model earn its place), one change at a time, then together.
+    'coarse': Arm(('three_stage',), ('--config.pretrain.coarse_logits=True',)),
+    'selfcond': Arm(('three_stage',), ('--config.model.self_condition=True',)),
+    'recycling': Arm(('three_stage',), ('--config.train.recycling=0.5',)),
+    'bce_x0': Arm(('three_stage',), (_BCE_X0, '--config.loss.aux_weight=1.0')),
+    'mask_scale_0.3': Arm(('three_stage',), ('--config.diffusion.mask_scale=0.3',)),
+    'anchored': Arm(('three_stage', 'finetune'), _ANCHOR),
+    'anchored_x0': Arm(('x0_only', 'finetune'), ('--config.pretrain.coarse_logits=True',
+                                                   '--config.model.self_condition=True',
+                                                   '--config.diffusion.stages=0:1000 x0 loss=bce_dice steps=10',
+                                                   '--config.loss.aux_weight=1.0')),
+    # the configuration's own defaults, whatever they are at the commit that runs them
+    'default': Arm(),
+    # unified: one model over the five real sets, at the steps of one per-dataset model and at their sum.
+    'unified_equal_steps': Arm(only_dataset='unified'),
+    'unified_equal_compute': Arm(shared_phase0=False, steps_multiplier=len(UNIFIED_MEMBERS), only_dataset='unified'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  name: str
+  question: str
+  arms: tuple[tuple[str, str], ...]  # (label, arm name)
+  reference: str
+  datasets: tuple[str, ...]
+
+
+_DECIDE = ('synthetic', 'kvasir_seg', 'busi')
+SWEEPS = {
+    'targets': Sweep('targets', 'Does the staged target table beat a single target (equal steps, equal NFE)?',
+                     (('eps only', 'eps_only'), ('x0 only', 'x0_only'), ('v only', 'v_only'),
+                      ('two stages', 'two_stage'), ('three stages', 'three_stage')), 'eps_only', _DECIDE),
+    'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
+                     (('scratch', 'scratch'), ('frozen', 'three_stage'), ('fine-tuned', 'finetune'),
+                      ('fine-tuned + coarse logits', 'finetune_coarse')), 'scratch', _DECIDE),
+    'method': Sweep('method', 'Which change makes the diffusion model beat its own segmenter?',
+                    (('segmenter (phase 0)', 'segmenter'), ('three stages (baseline)', 'three_stage'),
+                     ('+ coarse logits', 'coarse'), ('+ self-conditioning', 'selfcond'),
+                     ('+ recycling', 'recycling'), ('+ BCE-Dice x0 loss', 'bce_x0'),
+                     ('+ mask scale 0.3', 'mask_scale_0.3'), ('anchored (all, fine-tuned)', 'anchored'),
+                     ('anchored, x0 only', 'anchored_x0'), ('default config', 'default')),
+                    'segmenter', _DECIDE),
+    'unified': Sweep('unified', 'Does one unified model serve five organs as well as one model per organ?',
+                     (('per-dataset model', 'default'), ('unified, equal steps', 'unified_equal_steps'),
+                      ('unified, equal total compute', 'unified_equal_compute')), 'default',
+                     UNIFIED_MEMBERS + ('unified',)),
+    'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
+                    (('default config', 'default'),), 'segmenter', _DECIDE),
+}
+
+# The budget sweep: every setting evaluated on the validation split of the `default` arm's checkpoint.
+BUDGET_SETTINGS = 'staged,ddim:1,ddim:2,ddim:5,ddim:10,ddim:25,ddpm:10'
+BUDGET_ENSEMBLES = '1,3,5'

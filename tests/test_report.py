@@ -1,0 +1,227 @@
+"""docs/RESULTS.md generation from a hand-made results tree (numpy / scipy / matplotlib only, no jax)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from experiments import report
+
+DATASETS = ('kvasir_seg', 'busi')
+CASES = 8
+STEPS = (100, 200, 300, 400)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:  # stand-in for experiments.sweeps.Sweep
+  name: str
+  question: str
+  arms: tuple[tuple[str, str], ...]
+  reference: str
+  datasets: tuple[str, ...]
+
+
+SWEEPS = {
+    'targets': Sweep('targets', 'Staged or single target?', (('eps only', 'eps_only'), ('two stages', 'two_stage'),
+                                                              ('three stages', 'three_stage')), 'eps_only', DATASETS),
+    'budget': Sweep('budget', 'Which sampler budget?', (('default config', 'eps_only'),), 'segmenter', ('kvasir_seg',)),
+}
+
+
+def _head() -> str | None:
+  done = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=report.REPO, capture_output=True, text=True)
+  return done.stdout.strip() if done.returncode == 0 else None
+
+
+HEAD = _head()
+
+
+def base_dice(dataset: str, seed: int) -> np.ndarray:
+  """eps_only's per-case Dice: distinct values, a per-seed offset, a per-dataset offset."""
+  return 0.55 + 0.03 * np.arange(CASES) + 0.01 * seed + (0.02 if dataset == 'busi' else 0.0)
+
+
+def eps_curve(seed):
+  return 0.5 + 0.1 * np.arange(4) + 0.02 * seed  # final 0.80 / 0.82 / 0.84
+
+
+def three_curve(seed):
+  return np.array([0.7, 0.81, 0.83, 0.9]) + 0.005 * seed
+
+
+def _write_eval(directory, dataset, dice, seconds=0.02, nfe=10):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'per_case.csv'), 'w') as f:
+    f.write('dataset,case_id,height,width,dice,iou,hd95,ece,missed\n')
+    for i, d in enumerate(dice):
+      f.write(f'{dataset},case{i},64,64,{d:.6f},{d - 0.1:.6f},5.000000,0.010000,0\n')
+  block = {'n': len(dice), 'dice': float(np.mean(dice)), 'iou': float(np.mean(dice) - 0.1), 'hd95': 5.0,
+           'ece': 0.01, 'miss_rate': 0.0}
+  summary = {'datasets': {dataset: block}, 'mean': block, 'nfe_per_image': nfe, 'seconds_per_image': seconds,
+             'checkpoint_step': 400, 'sampler': 'staged', 'ensemble_size': 1, 'device': 'cpu'}
+  with open(os.path.join(directory, 'summary.json'), 'w') as f:
+    json.dump(summary, f)
+
+
+def write_run(results, dataset, arm, seed, dice, curve=None, commit=None, seconds=0.02, nfe=10):
+  directory = os.path.join(results, dataset, arm, f'seed{seed}')
+  _write_eval(directory, dataset, dice, seconds, nfe)
+  if curve is not None:
+    with open(os.path.join(directory, 'curve.csv'), 'w') as f:
+      f.write('step,val_dice\n' + ''.join(f'{s},{v:.6f}\n' for s, v in zip(STEPS, curve)))
+  record = {'arm': arm, 'dataset': dataset, 'seed': seed, 'command': ['main.py'], 'commit': commit or HEAD or 'x',
+            'dirty': False, 'device': 'cpu', 'hardware': '2-core test CPU', 'wall_seconds': 60.0 * (seed + 1),
+            'started': '2025-01-01T00:00:00', 'finished': '2025-01-01T00:01:00'}
+  with open(os.path.join(directory, 'run.json'), 'w') as f:
+    json.dump(record, f)
+  return directory
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+  results = str(tmp_path_factory.mktemp('results'))
+  for dataset in DATASETS:
+    for seed in range(3):
+      base = base_dice(dataset, seed)
+      write_run(results, dataset, 'eps_only', seed, base, eps_curve(seed))
+      write_run(results, dataset, 'three_stage', seed, base + 0.05, three_curve(seed), commit='unknown')
+      write_run(results, dataset, 'segmenter', seed, base - 0.02 * (seed + 1), seconds=0.001, nfe=1)
+  for seed in range(2):  # two of three seeds, one dataset
+    write_run(results, 'kvasir_seg', 'two_stage', seed, base_dice('kvasir_seg', seed) - 0.1, [0.3, 0.4, 0.5, 0.6])
+  for seed in range(3):
+    directory = os.path.join(results, 'kvasir_seg', 'eps_only', f'seed{seed}')
+    rows = [{'sampler': 'staged', 'steps': 10, 'ensemble_size': 1, 'fusion': 'mean', 'nfe_per_image': 10,
+             'dice': 0.70 + 0.01 * seed, 'seconds_per_image': 0.02},
+            {'sampler': 'ddim:10', 'steps': 10, 'ensemble_size': 5, 'fusion': 'mean', 'nfe_per_image': 50,
+             'dice': 0.74, 'seconds_per_image': 0.1}]
+    with open(os.path.join(directory, 'budget_val.json'), 'w') as f:
+      json.dump({'rows': rows, 'split': 'val'}, f)
+    _write_eval(os.path.join(directory, 'budget_test', 'ddim10_x5'), 'kvasir_seg',
+                base_dice('kvasir_seg', seed) - 0.02 * (seed + 1) + 0.03, seconds=0.1, nfe=50)
+  attention = os.path.join(results, 'attention', 'kvasir_seg', 'three_stage')
+  os.makedirs(attention)
+  with open(os.path.join(attention, 'attention.csv'), 'w') as f:
+    f.write('t_lo,t_hi,loss,grad_norm,dice_x0,reliance_zero,reliance_swap\n0,200,0.1234567,1.5,0.8,0.2,0.3\n')
+  out = os.path.join(str(tmp_path_factory.mktemp('docs')), 'RESULTS.md')
+  text = report.build(results, out, SWEEPS, n_resamples=200, command='python -m experiments.report --test')
+  return results, out, text
+
+
+def section(text: str, title: str) -> list[str]:
+  lines = text.splitlines()
+  start = lines.index(title)
+  end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('#')), len(lines))
+  return lines[start:end]
+
+
+def row(lines: list[str], *prefix: str) -> list[str]:
+  """The cells of the first table row whose leading cells start with `prefix`."""
+  for line in lines:
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    if line.startswith('|') and all(c.startswith(p) for c, p in zip(cells, prefix)):
+      return cells
+  raise AssertionError(f'no row {prefix} in\n' + '\n'.join(lines))
+
+
+def test_arm_mean_over_seeds_matches_hand_computation(tree):
+  _, _, text = tree
+  lines = section(text, '### targets — kvasir_seg')
+  per_seed = [100 * base_dice('kvasir_seg', s).mean() for s in range(3)]
+  cells = row(lines, 'eps only')
+  assert cells[1] == '3' and cells[2] == str(CASES)
+  assert cells[3] == f'{np.mean(per_seed):.1f} ({min(per_seed):.1f}–{max(per_seed):.1f})'
+  assert cells[9] == '0.020' and cells[11] == f'{np.mean([1, 2, 3]):.1f}'  # s/image, wall minutes
+
+
+def test_constant_difference_collapses_and_is_better(tree):
+  _, _, text = tree
+  titles = ('### targets — kvasir_seg', '### targets — busi', '### targets — all real sets (stratified by dataset)')
+  for title in titles:
+    cells = row(section(text, title), 'three stages', 'eps only')
+    assert cells[5] == '+5.0' and cells[6] == '[+5.0, +5.0]', cells
+    assert cells[9] == 's0 +5.0, s1 +5.0, s2 +5.0' and cells[10] == '**better**'
+  plain = section(text, '## Plain reading')
+  assert any('targets / kvasir_seg' in line and 'better: three stages (+5.0)' in line for line in plain)
+
+
+def test_missing_seeds_and_missing_arms(tree):
+  _, _, text = tree
+  assert row(section(text, '### targets — kvasir_seg'), 'two stages')[1] == '2 of 3'
+  assert row(section(text, '### targets — busi'), 'two stages')[1] == 'not run'
+  plain = [line for line in section(text, '## Plain reading') if 'targets / busi' in line][0]
+  assert 'not run: two stages' in plain
+
+
+def test_convergence_first_crossing(tree):
+  _, out, text = tree
+  target = np.mean([eps_curve(s)[-1] for s in range(3)])
+  three = np.mean([three_curve(s) for s in range(3)], axis=0)
+  expected = STEPS[int(np.argmax(three >= target))]
+  assert expected == 300
+  lines = section(text, '### Convergence (targets)')
+  assert row(lines, 'three stages')[3] == str(expected)
+  assert row(lines, 'two stages')[3] == 'never'
+  assert row(lines, 'eps only')[3] == str(STEPS[-1])
+  png = os.path.join(os.path.dirname(out), 'results_png', 'convergence_targets_kvasir_seg.png')
+  assert os.path.getsize(png) > 1000
+  assert '(results_png/convergence_targets_kvasir_seg.png)' in text
+
+
+def test_budget_tables_and_plot(tree):
+  _, out, text = tree
+  lines = section(text, '### Budget (budget): chosen on validation, tested once')
+  assert row(lines, 'staged')[4] == f'{100 * np.mean([0.70, 0.71, 0.72]):.1f}'
+  assert row(lines, 'ddim:10', '5')[-1] == '✓'
+  assert 'Chosen: ddim10_x5' in lines
+  cells = row(lines, 'default config, ddim10_x5 (test)', 'segmenter')
+  assert cells[5] == '+3.0' and cells[6] == '[+3.0, +3.0]' and cells[10] == '**better**'  # segmenter + 3 points
+  assert os.path.getsize(os.path.join(os.path.dirname(out), 'results_png', 'budget_kvasir_seg_eps_only.png')) > 1000
+
+
+def test_stale_marker_and_header(tree):
+  _, _, text = tree
+  cells = row(section(text, '### targets — kvasir_seg'), 'three stages')
+  assert '⚠[^' in cells[0]
+  notes = section(text, '## Staleness notes')
+  assert any('kvasir_seg/three_stage' in line and 'commit unknown' in line for line in notes)
+  if HEAD is not None:
+    assert '⚠' not in row(section(text, '### targets — kvasir_seg'), 'eps only')[0]
+    assert f'`{HEAD}`' in text.splitlines()[2]
+  assert 'python -m experiments.report --test' in text
+  assert '2-core test CPU' in text and '200 resamples' in text
+  assert '0.1235' in text  # the attention table
+
+
+def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
+  results = str(tmp_path / 'results')
+  for dataset in DATASETS:
+    for seed in range(2):
+      write_run(results, dataset, 'default', seed, base_dice(dataset, seed))
+  for seed in range(2):  # one unified run over both sets, 2 points below on kvasir_seg, 1 above on busi
+    directory = write_run(results, 'unified', 'unified_equal_steps', seed, [0.5])
+    with open(os.path.join(directory, 'per_case.csv'), 'w') as f:
+      f.write('dataset,case_id,height,width,dice,iou,hd95,ece\n')
+      for dataset, shift in (('kvasir_seg', -0.02), ('busi', 0.01)):
+        f.write(''.join(f'{dataset},case{i},64,64,{d + shift:.6f},0.5,5,0.01\n'
+                        for i, d in enumerate(base_dice(dataset, seed))))
+  sweeps = {'unified': Sweep('unified', 'One model?', (('per-dataset model', 'default'),
+                                                     ('unified, equal steps', 'unified_equal_steps')),
+                             'default', DATASETS + ('unified',))}
+  monkeypatch.setitem(sys.modules, 'experiments.sweeps', types.SimpleNamespace(SWEEPS=sweeps))
+  out = str(tmp_path / 'docs' / 'RESULTS.md')
+  assert report.main([f'--results={results}', f'--out={out}', '--n_resamples=200', '--seeds=2']) == 0
+  with open(out) as f:
+    text = f.read()
+  lines = section(text, '### Unified vs per-dataset models (paired by dataset and case)')
+  assert row(lines, 'kvasir_seg', 'unified, equal steps')[4:] == ['-2.0', '[-2.0, -2.0]', '**worse**']
+  assert row(lines, 'busi', 'unified, equal steps')[4:] == ['+1.0', '[+1.0, +1.0]', '**better**']
+  assert row(lines, 'all real sets', 'unified, equal steps')[4] == '-0.5'  # unweighted mean of the two sets
+  plain = section(text, '## Plain reading')
+  assert any('unified / kvasir_seg' in line and 'unification does NOT help here' in line for line in plain)

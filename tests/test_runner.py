@@ -1,0 +1,129 @@
+"""The experiment runner's plan, skip/resume and budget choice, with a fake main.py (no training)."""
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from experiments import run as run_lib
+from experiments import sweeps
+
+FAKE_MAIN = textwrap.dedent('''
+    import json, os, sys
+    args = dict(a.split('=', 1) for a in sys.argv[1:] if '=' in a)
+    mode = args.get('--mode', 'train')
+    workdir = args['--workdir']
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), 'calls.txt'), 'a') as f:
+      f.write(mode + ' ' + workdir + '\\n')
+    flaky = os.path.join(workdir, 'fail_once')
+    if os.path.exists(flaky):  # an interrupted run: exits without results the first time
+      os.remove(flaky)
+      sys.exit(0)
+    seed = int(args['--config.seed'])
+    dice = {'pretrain': 0.70, 'train': 0.75}.get(mode, 0.0) + 0.01 * seed
+    def write(out, prefix):
+      os.makedirs(out, exist_ok=True)
+      json.dump({'datasets': {'d': {'n': 2, 'dice': dice}}, 'mean': {'dice': dice}, 'device': 'fake'},
+                open(os.path.join(out, 'summary.json'), 'w'))
+      open(os.path.join(out, 'per_case.csv'), 'w').write(
+          f'dataset,case_id,dice\\nd,a,{dice}\\nd,b,{dice}\\n')
+      with open(os.path.join(workdir, 'scalars.jsonl'), 'a') as f:
+        f.write(json.dumps({'step': 10, prefix + 'val/dice': dice}) + '\\n')
+    if mode == 'pretrain':
+      write(os.path.join(workdir, 'pretrain', 'eval', 'test'), 'pretrain/')
+    elif mode == 'train':
+      write(os.path.join(workdir, 'eval', 'test'), '')
+    elif mode == 'sweep':
+      out = os.path.join(workdir, 'eval', 'sweep')
+      os.makedirs(out, exist_ok=True)
+      rows = [{'sampler': s, 'ensemble_size': k, 'fusion': 'mean', 'dice': d + 0.01 * seed}
+              for s, k, d in (('staged', 1, 0.5), ('ddim:5', 3, 0.6), ('ddim:10', 1, 0.55))]
+      json.dump({'rows': rows, 'split': 'val'}, open(os.path.join(out, 'sweep.json'), 'w'))
+    elif mode == 'eval':
+      write(args['--output'], 'eval/')
+''')
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+  script = tmp_path / 'fake_main.py'
+  script.write_text(FAKE_MAIN)
+  monkeypatch.setattr(run_lib, 'commit', lambda: ('abc123', False))
+
+  def make(sweep_names, seeds=(0, 1), datasets=('synthetic',)):
+    tasks = run_lib.plan(sweep_names, list(datasets), list(seeds), str(tmp_path / 'runs'),
+                         str(tmp_path / 'results'), [])
+    for task in tasks:
+      task.command = [sys.executable, str(script), *task.command[2:]]
+    return tasks
+
+  return make, tmp_path
+
+
+def _calls(tmp_path):
+  path = tmp_path / 'calls.txt'
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def test_plan_shares_phase0_and_gives_scratch_the_phase0_steps():
+  tasks = run_lib.plan(['encoder'], ['kvasir_seg'], [0], '/r', '/res', [])
+  keys = [t.key for t in tasks]
+  assert keys.count('kvasir_seg/segmenter/seed0') == 1
+  by_key = {t.key: t for t in tasks}
+  assert by_key['kvasir_seg/finetune/seed0'].deps == ('kvasir_seg/segmenter/seed0',)
+  assert '--config.pretrain.checkpoint=/r/kvasir_seg/phase0/seed0' in by_key['kvasir_seg/finetune/seed0'].command
+  scratch = by_key['kvasir_seg/scratch/seed0']
+  assert scratch.deps == () and not any('pretrain.checkpoint' in c for c in scratch.command)
+  pre, steps = run_lib._steps(sweeps.DATASETS['kvasir_seg'])  # pylint: disable=protected-access
+  assert f'--config.train.num_steps={pre + steps}' in scratch.command
+
+
+def test_unified_arms_run_only_on_the_unified_data():
+  tasks = run_lib.plan(['unified'], [], [0], '/r', '/res', [])
+  keys = {t.key for t in tasks}
+  assert {'kvasir_seg/default/seed0', 'unified/unified_equal_steps/seed0',
+          'unified/unified_equal_compute/seed0'} <= keys
+  assert 'unified/default/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
+
+
+def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
+  make, tmp_path = fake
+  tasks = make(['targets'], seeds=(0,))
+  interrupted = next(t for t in tasks if t.key == 'synthetic/x0_only/seed0')
+  os.makedirs(interrupted.workdir)
+  open(os.path.join(interrupted.workdir, 'fail_once'), 'w').close()
+  assert run_lib.Runner(tasks, 2, None, 'test').run() == 1  # one run stopped without results
+  results = tmp_path / 'results' / 'synthetic'
+  assert sorted(os.listdir(results)) == ['eps_only', 'segmenter', 'three_stage', 'two_stage', 'v_only']
+  record = json.loads((results / 'eps_only' / 'seed0' / 'run.json').read_text())
+  assert record['commit'] == 'abc123' and record['seed'] == 0 and record['hardware'] == 'test'
+  assert (results / 'eps_only' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.750000\n'
+  assert (results / 'segmenter' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.700000\n'
+  first = len(_calls(tmp_path))
+  assert first == 6  # phase 0 + five arms (x0_only once, interrupted)
+  # Rerun: finished runs are skipped, the interrupted one runs again and finishes.
+  assert run_lib.Runner(make(['targets'], seeds=(0,)), 2, None, 'test').run() == 0
+  assert _calls(tmp_path)[first:] == [f"train {interrupted.workdir}"]
+  assert (results / 'x0_only' / 'seed0' / 'summary.json').exists()
+
+
+def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
+  make, tmp_path = fake
+  assert run_lib.Runner(make(['budget']), 1, None, 'test').run() == 0
+  for seed in (0, 1):
+    kept = tmp_path / 'results' / 'synthetic' / 'default' / f'seed{seed}' / 'budget_test'
+    assert os.listdir(kept) == ['ddim5_x3']  # best mean validation Dice (0.6 + 0.01 * seed)
+  evals = [c for c in _calls(tmp_path) if c.startswith('eval ')]
+  assert len(evals) == 2
+
+
+def test_choose_budget_needs_every_seed(tmp_path):
+  for seed, rows in enumerate(([('staged', 0.9), ('ddim:5', 0.5)], [('ddim:5', 0.6)])):
+    os.makedirs(tmp_path / str(seed))
+    json.dump({'rows': [{'sampler': s, 'ensemble_size': 1, 'fusion': 'mean', 'dice': d} for s, d in rows]},
+              open(tmp_path / str(seed) / 'budget_val.json', 'w'))
+  choice = run_lib.choose_budget([str(tmp_path / '0'), str(tmp_path / '1')])
+  assert choice['sampler'] == 'ddim:5'  # staged was not evaluated in seed 1
