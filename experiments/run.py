@@ -218,8 +218,10 @@ def budget_test_command(task: Task, choice: dict) -> tuple[list[str], str, str]:
 class Runner:
   """Runs tasks with `jobs` workers, respecting dependencies, until done or past the deadline."""
 
-  def __init__(self, tasks: list[Task], jobs: int, deadline: float | None, hardware: str):
+  def __init__(self, tasks: list[Task], jobs: int, deadline: float | None, hardware: str,
+               grace_seconds: float = 240.0):
     self.tasks, self.jobs, self.deadline, self.hardware = tasks, jobs, deadline, hardware
+    self.grace_seconds = grace_seconds
     self.lock = threading.Lock()
     self.running: dict[str, subprocess.Popen] = {}
     self.commit = commit()
@@ -287,7 +289,7 @@ class Runner:
         continue
       if not threads and (past_deadline or self._next() is None):
         break
-      if past_deadline and self.deadline is not None and time.time() > self.deadline + 240:
+      if past_deadline and self.deadline is not None and time.time() > self.deadline + self.grace_seconds:
         for process in list(self.running.values()):
           if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)  # checkpoint and exit; resumes next time
@@ -306,7 +308,9 @@ def main(argv=None) -> int:
   parser.add_argument('--root', default=os.path.join(REPO, 'runs', 'experiments'))
   parser.add_argument('--results', default=os.path.join(REPO, 'experiments', 'results'))
   parser.add_argument('--jobs', type=int, default=1)
-  parser.add_argument('--deadline_minutes', type=float, default=0)
+  parser.add_argument('--deadline_minutes', type=float, default=0, help='start no run after this long')
+  parser.add_argument('--grace_minutes', type=float, default=4,
+                      help='after the deadline, runs still going get this long before SIGTERM (checkpoint, exit)')
   parser.add_argument('--hardware', default='', help='free text recorded with every run (default: the device kind)')
   parser.add_argument('--seed_datasets', default='',
                       help="per-dataset seed counts, e.g. 'kvasir_seg:2,busi:2' (default: --seeds everywhere)")
@@ -334,7 +338,7 @@ def main(argv=None) -> int:
       print(f'[{state}] {task.key}: {" ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:])}')
     return 0
   deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes > 0 else None
-  return Runner(tasks, args.jobs, deadline, args.hardware).run()
+  return Runner(tasks, args.jobs, deadline, args.hardware, 60 * args.grace_minutes).run()
 
 
 if __name__ == '__main__':
