@@ -35,6 +35,8 @@ FIELDS = ('t_lo', 't_hi', 'loss', 'grad_norm', 'dice_x0', 'reliance_zero', 'reli
 PANELS = (('training loss', ('loss',)), ('gradient norm', ('grad_norm',)),
           ('Dice of implied x0', ('dice_x0',)), ('reliance on the image', ('reliance_zero', 'reliance_swap')))
 _SUMS = ('loss', 'dice_x0', 'reliance_zero', 'reliance_swap')
+_tree_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))  # one program, not one op per leaf
+_global_norm = jax.jit(optax.global_norm)
 
 
 def timestep_bins(num_timesteps: int, bins: int, per_bin: int = 3) -> list[tuple[int, int, np.ndarray]]:
@@ -111,9 +113,9 @@ def measure(model, params, process: diffusion.StagedDiffusion, config, images: n
         rng = jax.random.fold_in(jax.random.fold_in(key, int(t)), start)
         loss, g, *rest = batch_fn(params, images[part], swap_images[part], masks[part],
                                   jnp.full((size,), t, jnp.int32), rng)
-        grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+        grads = g if grads is None else _tree_add(grads, g)
         sums += np.array([float(v) for v in (loss, *rest)])
-      grad_norm += float(optax.global_norm(grads)) / n
+      grad_norm += float(_global_norm(grads)) / n
     row = {'t_lo': lo, 't_hi': hi, 'grad_norm': grad_norm / len(timesteps)}
     row.update({k: float(v) / (n * len(timesteps)) for k, v in zip(_SUMS, sums)})
     rows.append({k: row[k] for k in FIELDS})

@@ -4,7 +4,9 @@
 #   devpack/whl/    grain, array-record, portpicker and ml-collections wheels (cp312, manylinux)
 #   devpack/packs/  resized data packs: python -m unisegdiff_jax.packs --datasets=... --out=devpack/packs
 # Usage (from the repository root): OUT=DIR JOBS=12 MINUTES=7 SWEEPS=method,targets bash experiments/device.sh
-# Results land in $OUT/results (the layout of experiments/results); logs of every run in $OUT/logs.
+# Results come back as $OUT/results.tgz (the layout of experiments/results: `tar xzf results.tgz -C experiments`)
+# and $OUT/runs.tgz (every run's summary, per-case results, scalars and log, for `experiments.run --collect_only`);
+# the device tool returns files, not deep folder trees.
 set -u
 OUT=${OUT:-/tmp/device_out}; JOBS=${JOBS:-12}; MINUTES=${MINUTES:-7}
 SWEEPS=${SWEEPS:-method,targets,encoder,budget,unified}
@@ -24,7 +26,7 @@ echo "hardware: $HW; $(nproc) CPU cores; jobs $JOBS; deadline $MINUTES min"
   --deadline_minutes="$MINUTES" --hardware="$HW, $(nproc) CPU cores, $JOBS runs at once" \
   --root=/tmp/experiment_runs --results="$OUT/results" ${RUNNER_ARGS:-} -- --config.data.pack_dir=devpack/packs
 status=$?
-mkdir -p "$OUT/logs"
-find /tmp/experiment_runs -name 'log_*.txt' | while read -r f; do
-  rel=${f#/tmp/experiment_runs/}; mkdir -p "$OUT/logs/$(dirname "$rel")"; tail -c 4000 "$f" > "$OUT/logs/$rel"; done
+tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+(cd /tmp/experiment_runs && find . \( -name summary.json -o -name per_case.csv -o -name scalars.jsonl -o -name 'log_*.txt' \) \
+  -not -path '*/checkpoints/*' | tar czf "$OUT/runs.tgz" -T -)
 exit $status

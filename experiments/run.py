@@ -191,6 +191,40 @@ def collect(task: Task, started: float, run_commit: tuple[str, bool], hardware: 
     json.dump(record, f, indent=2)
 
 
+def _log_span_seconds(workdir: str, kind: str) -> float | None:
+  """Seconds between the first and the last timestamped (absl) line of a run's log, for collect_only."""
+  import re  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, f'log_{kind}.txt')
+  if not os.path.exists(path):
+    return None
+  stamps = []
+  with open(path, errors='replace') as f:
+    for line in f:
+      match = re.match(r'^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)', line)
+      if match:
+        h, m, sec = match.groups()
+        stamps.append(3600 * int(h) + 60 * int(m) + float(sec))
+  if len(stamps) < 2:
+    return None
+  return (stamps[-1] - stamps[0]) % 86400
+
+
+def collect_only(tasks: list[Task], hardware: str) -> int:
+  """Collects every finished run found under the root (e.g. a device's workdirs copied back) into the
+  results, with the wall time read from its log; starts nothing."""
+  run_commit, count = commit(), 0
+  for task in tasks:
+    if task.kind not in ('pretrain', 'train') or _finished(task):
+      continue
+    eval_dir = os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'eval', 'test')
+    if os.path.exists(os.path.join(eval_dir, 'summary.json')):
+      span = _log_span_seconds(task.workdir, task.kind)
+      collect(task, time.time() - (span or 0.0), run_commit, hardware)
+      count += 1
+  print(f'collected {count} finished runs', flush=True)
+  return 0
+
+
 def choose_budget(results_dirs: list[str]) -> dict:
   """The setting with the best validation Dice averaged over the seeds' budget_val.json files."""
   scores: dict[tuple, list[float]] = {}
@@ -316,6 +350,8 @@ def main(argv=None) -> int:
                       help="per-dataset seed counts, e.g. 'kvasir_seg:2,busi:2' (default: --seeds everywhere)")
   parser.add_argument('--dry_run', action='store_true', help='print the commands and exit')
   parser.add_argument('--smoke', action='store_true', help='every dataset at its smoke profile (plumbing check)')
+  parser.add_argument('--collect_only', action='store_true',
+                      help='copy the finished runs under --root into --results (no run is started)')
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = argv[argv.index('--') + 1:] if '--' in argv else []  # more --config overrides for every run
   args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
@@ -337,6 +373,8 @@ def main(argv=None) -> int:
       state = 'finished' if _finished(task) else 'to run'
       print(f'[{state}] {task.key}: {" ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:])}')
     return 0
+  if args.collect_only:
+    return collect_only(tasks, args.hardware)
   deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes > 0 else None
   return Runner(tasks, args.jobs, deadline, args.hardware, 60 * args.grace_minutes).run()
 
