@@ -46,7 +46,10 @@ class Task:
 
 
 def commit() -> tuple[str, bool]:
-  """(HEAD commit, working tree dirty) or $UNISEGDIFF_COMMIT where git is unavailable (a device copy)."""
+  """(commit, dirty): $UNISEGDIFF_COMMIT when set (a device copy has no git; collect_only of a device's runs),
+  else git's HEAD and whether the code differs from it."""
+  if os.environ.get('UNISEGDIFF_COMMIT'):
+    return os.environ['UNISEGDIFF_COMMIT'], os.environ.get('UNISEGDIFF_DIRTY', '0') == '1'
   try:
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -54,7 +57,7 @@ def commit() -> tuple[str, bool]:
                                 cwd=REPO, capture_output=True, text=True).stdout.strip())
     return head, dirty
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get('UNISEGDIFF_COMMIT', 'unknown'), os.environ.get('UNISEGDIFF_DIRTY', '0') == '1'
+    return 'unknown', False
 
 
 def _steps(dataset: sweeps.Dataset) -> tuple[int, int]:
@@ -164,7 +167,8 @@ def _device_of(summary_path: str) -> str:
     return json.load(f).get('device', 'unknown')
 
 
-def collect(task: Task, started: float, run_commit: tuple[str, bool], hardware: str) -> None:
+def collect(task: Task, started: float | None, run_commit: tuple[str, bool], hardware: str,
+            wall_seconds: float | None = None) -> None:
   """Copies a finished run's small outputs to its results directory, with run.json."""
   os.makedirs(task.results, exist_ok=True)
   if task.kind == 'budget_val':
@@ -184,9 +188,13 @@ def collect(task: Task, started: float, run_commit: tuple[str, bool], hardware: 
   record = {'arm': arm, 'dataset': dataset, 'seed': int(seed[4:]),
             'command': [os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:]],
             'commit': run_commit[0], 'dirty': run_commit[1], 'device': _device_of(os.path.join(eval_dir, 'summary.json')),
-            'hardware': hardware, 'wall_seconds': round(time.time() - started, 1),
-            'started': datetime.datetime.fromtimestamp(started).isoformat(timespec='seconds'),
-            'finished': datetime.datetime.now().isoformat(timespec='seconds')}
+            'hardware': hardware}
+  if started is not None:
+    record.update(wall_seconds=round(time.time() - started, 1),
+                  started=datetime.datetime.fromtimestamp(started).isoformat(timespec='seconds'),
+                  finished=datetime.datetime.now().isoformat(timespec='seconds'))
+  else:  # collect_only: the span of the run's log
+    record.update(wall_seconds=None if wall_seconds is None else round(wall_seconds, 1), collected=datetime.datetime.now().isoformat(timespec='seconds'))
   with open(os.path.join(task.results, 'run.json'), 'w') as f:
     json.dump(record, f, indent=2)
 
@@ -204,9 +212,12 @@ def _log_span_seconds(workdir: str, kind: str) -> float | None:
       if match:
         h, m, sec = match.groups()
         stamps.append(3600 * int(h) + 60 * int(m) + float(sec))
-  if len(stamps) < 2:
-    return None
-  return (stamps[-1] - stamps[0]) % 86400
+  block = stamps[:1]  # the first sitting: a later rerun appends after a gap
+  for stamp in stamps[1:]:
+    if (stamp - block[-1]) % 86400 > 60:
+      break
+    block.append(stamp)
+  return (block[-1] - block[0]) % 86400 if len(block) > 1 else None
 
 
 def collect_only(tasks: list[Task], hardware: str) -> int:
@@ -218,8 +229,7 @@ def collect_only(tasks: list[Task], hardware: str) -> int:
       continue
     eval_dir = os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'eval', 'test')
     if os.path.exists(os.path.join(eval_dir, 'summary.json')):
-      span = _log_span_seconds(task.workdir, task.kind)
-      collect(task, time.time() - (span or 0.0), run_commit, hardware)
+      collect(task, None, run_commit, hardware, _log_span_seconds(task.workdir, task.kind))
       count += 1
   print(f'collected {count} finished runs', flush=True)
   return 0
