@@ -79,7 +79,8 @@ def _config_flag(dataset: sweeps.Dataset, tokens=()) -> str:
   return f'--config={dataset.config}' + (f':{args}' if args else '')
 
 
-def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str]) -> list[Task]:
+def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str],
+         arms_filter=()) -> list[Task]:
   """The tasks of the sweeps in priority order (sweep order, then arm order, then dataset, then seed)."""
   tasks: dict[str, Task] = {}
   main_py = [sys.executable, os.path.join(REPO, 'main.py')]
@@ -90,6 +91,8 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
   for name in sweep_names:
     sweep = sweeps.SWEEPS[name]
     for _, arm_name in sweep.arms:
+      if arms_filter and arm_name not in arms_filter:
+        continue
       for ds_name in sweep.datasets:
         if datasets_filter and ds_name not in datasets_filter:
           continue
@@ -208,16 +211,13 @@ def _log_span_seconds(workdir: str, kind: str) -> float | None:
   stamps = []
   with open(path, errors='replace') as f:
     for line in f:
+      if 'JAX process' in line and stamps:
+        break  # main.py's first line: a later rerun appended to the same log
       match = re.match(r'^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)', line)
       if match:
         h, m, sec = match.groups()
         stamps.append(3600 * int(h) + 60 * int(m) + float(sec))
-  block = stamps[:1]  # the first sitting: a later rerun appends after a gap
-  for stamp in stamps[1:]:
-    if (stamp - block[-1]) % 86400 > 60:
-      break
-    block.append(stamp)
-  return (block[-1] - block[0]) % 86400 if len(block) > 1 else None
+  return (stamps[-1] - stamps[0]) % 86400 if len(stamps) > 1 else None
 
 
 def collect_only(tasks: list[Task], hardware: str) -> int:
@@ -349,6 +349,7 @@ def main(argv=None) -> int:
   parser.add_argument('sweeps', help=f"comma-separated: {', '.join(sweeps.SWEEPS)}")
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--datasets', default='', help='comma-separated subset of each sweep\'s datasets')
+  parser.add_argument('--arms', default='', help='comma-separated subset of the sweeps\' arms')
   parser.add_argument('--root', default=os.path.join(REPO, 'runs', 'experiments'))
   parser.add_argument('--results', default=os.path.join(REPO, 'experiments', 'results'))
   parser.add_argument('--jobs', type=int, default=1)
@@ -374,7 +375,8 @@ def main(argv=None) -> int:
   SMOKE = args.smoke
   seeds = [int(s) for s in args.seeds.split(',') if s]
   datasets = [d for d in args.datasets.split(',') if d]
-  tasks = plan(names, datasets, seeds, os.path.abspath(args.root), os.path.abspath(args.results), extra)
+  tasks = plan(names, datasets, seeds, os.path.abspath(args.root), os.path.abspath(args.results), extra,
+               [a for a in args.arms.split(',') if a])
   if args.seed_datasets:
     limits = {k: int(v) for k, v in (item.split(':') for item in args.seed_datasets.split(','))}
     tasks = [t for t in tasks if int(t.key.split('/')[2][4:]) < limits.get(t.key.split('/')[0], len(seeds))]

@@ -318,18 +318,34 @@ def test_ensemble_members_fold_into_the_batch(tiny_model, sampler, steps, fusion
   segment, members3, nfe = ensemble.make_segment_fn(model, process, settings)
   ts = sampling.timesteps_for(process, sampler, steps)
   assert nfe == 3 * len(ts)
-  key = jax.random.PRNGKey(7)
-  a = np.asarray(members3(params, images, key))
+  keys = ensemble.case_keys(jax.random.PRNGKey(7), ['a', 'b'], 2)
+  a = np.asarray(members3(params, images, keys))
   assert a.shape == (3, 2, 16, 16, 1) and np.all((a >= 0) & (a <= 1))
-  np.testing.assert_array_equal(a, np.asarray(members3(params, images, key)))  # same key, same members
-  assert np.abs(a - np.asarray(members3(params, images, jax.random.PRNGKey(8)))).max() > 1e-4
+  np.testing.assert_array_equal(a, np.asarray(members3(params, images, keys)))  # same keys, same members
+  other = ensemble.case_keys(jax.random.PRNGKey(8), ['a', 'b'], 2)
+  assert np.abs(a - np.asarray(members3(params, images, other))).max() > 1e-4
   assert np.abs(a[0] - a[1]).max() > 1e-4 and np.abs(a[1] - a[2]).max() > 1e-4  # members differ
   # The segment function fuses the same members (STAPLE per image).
-  prob = segment(params, images, key)
+  prob = segment(params, images, keys)
   assert prob.shape == (2, 16, 16, 1)
   for b in range(2):
     np.testing.assert_allclose(prob[b], ensemble.fuse(a[:, b], fusion, 0.5).prob, atol=1e-6)
   if sampler == 'staged':
-    # Member 0 of any ensemble (so an ensemble of one) is the plain segment function's sample.
-    single = np.asarray(jax.jit(sampling.make_segment_fn(model, process, ts))(params, images, key))
-    np.testing.assert_allclose(a[0], single, atol=1e-5)
+    # Member 0 of any ensemble (so an ensemble of one) is the one-member sample.
+    one, _, _ = ensemble.make_segment_fn(model, process, ensemble.Settings(sampler, steps, 1, 'mean', 0.5))
+    np.testing.assert_allclose(a[0], one(params, images, keys)[..., :], atol=1e-5)
+
+
+@pytest.mark.parametrize('sampler,steps', [('staged', None), ('ddpm', 3)])
+def test_a_cases_result_does_not_depend_on_its_batch(tiny_model, sampler, steps):
+  """Image 'b' alone (padded to 2) or after image 'a' (batch of 2, batch of 3): the same members."""
+  model, process, params, images = tiny_model
+  _, members, _ = ensemble.make_segment_fn(model, process, ensemble.Settings(sampler, steps, 2, 'mean', 0.5))
+  rng = jax.random.PRNGKey(3)
+  pair = np.asarray(members(params, images, ensemble.case_keys(rng, ['a', 'b'], 2)))[:, 1]
+  alone = np.asarray(members(params, images[::-1], ensemble.case_keys(rng, ['b'], 2)))[:, 0]
+  three = jnp.concatenate([images, images[:1]])
+  bigger = np.asarray(members(params, three, ensemble.case_keys(rng, ['a', 'b', 'c'], 3)))[:, 1]
+  np.testing.assert_allclose(alone, pair, atol=1e-5)
+  np.testing.assert_allclose(bigger, pair, atol=1e-5)
+  assert members._cache_size() == 2  # pylint: disable=protected-access  # batch 2 (twice) and batch 3

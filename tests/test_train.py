@@ -61,6 +61,13 @@ def test_training_lowers_the_loss_on_a_fixed_batch(smoke_config):
   assert float(metrics['finite']) == 1.0
 
 
+def test_second_training_step_does_not_recompile(smoke_config):
+  _, _, _, state, step = _setup(smoke_config)
+  state, _ = step(state, _fixed_batch(smoke_config, 0), jax.random.PRNGKey(0))
+  state, _ = step(state, _fixed_batch(smoke_config, 1), jax.random.PRNGKey(1))  # new data, new key, new step
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
 def test_nonfinite_step_is_not_applied(smoke_config):
   config = smoke_config
   config.train.debug_nonfinite_step = 2

@@ -2,9 +2,10 @@
 
 The K members of an ensemble differ only in their noise: the encoder runs once per image, its features are
 repeated K times along the batch axis (image-major: rows b*K .. b*K+K-1 belong to image b, so a batch
-sharded over devices stays local to its device) and the denoiser runs on the [B*K] batch. Member k starts
-from the noise of key `member_key(rng, k)` (member 0 uses `rng` itself, so an ensemble of one reproduces
-`sampling.make_segment_fn`).
+sharded over devices stays local to its device) and the denoiser runs on the [B*K] batch. Every image brings
+its own key (`case_keys`: from the run's seed and the case's name), and member k starts from the noise of
+`member_key(key, k)`: a case's result does not depend on the batch it is in, its position, or the batch
+size (evaluation, sweep and predict agree).
 
 Fusion of the member probabilities [K, ...] (`fuse`):
   mean    the mean probability; the mask is mean >= threshold.
@@ -26,7 +27,8 @@ Config (read with .get so older configs work): config.sampling.ensemble_size (1)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import zlib
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,15 +92,24 @@ def member_key(rng: jax.Array, k: int) -> jax.Array:
   return rng if k == 0 else jax.random.fold_in(rng, k)
 
 
+def case_keys(rng: jax.Array, names: Sequence[str], batch_size: int) -> np.ndarray:
+  """One sampling key per case [batch_size, 2] (uint32): fold_in(rng, crc32(name)); padding rows get
+  fold_in(rng, 0). The same case gets the same noise in every batch, position and batch size."""
+  ids = [zlib.crc32(name.encode('utf-8')) & 0x7FFFFFFF for name in names]
+  ids += [0] * (batch_size - len(ids))
+  return np.asarray(jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(ids, jnp.uint32)))
+
+
 def make_members_fn(model, process: diffusion.StagedDiffusion, timesteps: np.ndarray, *,
                     ensemble_size: int = 1, stochastic: bool = False) -> Callable:
-  """A jit-able (params, images [B,S,S,3], rng) -> member probabilities [K, B, S, S, 1].
+  """A jit-able (params, images [B,S,S,3], keys [B, 2]) -> member probabilities [K, B, S, S, 1].
 
-  One encoder pass per image, one denoiser pass per step on the [B*K] batch.
+  One encoder pass per image, one denoiser pass per step on the [B*K] batch; image b's members draw their
+  noise from keys[b] only.
   """
   k_members = int(ensemble_size)
 
-  def members(params, images, rng):
+  def members(params, images, keys):
     batch = images.shape[0]
     features = model.apply(params, images, method=model.encode)
     if k_members > 1:
@@ -108,10 +119,11 @@ def make_members_fn(model, process: diffusion.StagedDiffusion, timesteps: np.nda
       return model.apply(params, feats, x_t, t, stage_id, self_cond, method=model.denoise)
 
     shape = images.shape[:-1] + (1,)
-    noise = jnp.stack([jax.random.normal(member_key(rng, k), shape, jnp.float32) for k in range(k_members)],
-                      axis=1).reshape((batch * k_members,) + shape[1:])  # image-major [B*K]
-    step_rng = jax.random.fold_in(rng, 1 << 30)
-    x0 = sampling.sample(denoise, features, noise, timesteps, process, stochastic=stochastic, rng=step_rng)
+    row_keys = jnp.stack([jax.vmap(lambda key, k=k: member_key(key, k))(keys) for k in range(k_members)],
+                         axis=1).reshape((batch * k_members,) + keys.shape[1:])  # image-major [B*K]
+    noise = jax.vmap(lambda key: jax.random.normal(key, shape[1:], jnp.float32))(row_keys)
+    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, 1 << 30))(row_keys)
+    x0 = sampling.sample(denoise, features, noise, timesteps, process, stochastic=stochastic, rng=step_keys)
     prob = sampling.probability_from_x0(x0, process).reshape((batch, k_members) + shape[1:])
     return jnp.moveaxis(prob, 1, 0)
 
@@ -214,8 +226,8 @@ def make_segment_fn(model, process: diffusion.StagedDiffusion, settings: Setting
                     ) -> tuple[Callable, Callable, int]:
   """(segment, members, nfe per image) for `settings`.
 
-  members: the jitted (params, images, rng) -> [K, B, S, S, 1] member probabilities.
-  segment: (params, images, rng) -> fused probability [B, S, S, 1] (numpy), the signature
+  members: the jitted (params, images, keys [B, 2]) -> [K, B, S, S, 1] member probabilities.
+  segment: (params, images, keys) -> fused probability [B, S, S, 1] (numpy), the signature
            `evaluate.evaluate` expects; threshold it with `mask_threshold(settings.fusion, ...)`.
   nfe: denoiser evaluations per image, all members together (steps * K).
   """
@@ -223,8 +235,8 @@ def make_segment_fn(model, process: diffusion.StagedDiffusion, settings: Setting
   members = jax.jit(make_members_fn(model, process, timesteps, ensemble_size=settings.ensemble_size,
                                     stochastic=settings.stochastic))
 
-  def segment(params, images, rng):
-    m = np.asarray(jax.block_until_ready(members(params, images, rng)))
+  def segment(params, images, keys):
+    m = np.asarray(jax.block_until_ready(members(params, images, keys)))
     if settings.fusion == 'staple' and settings.ensemble_size > 1:
       prob = np.stack([fuse(m[:, b], 'staple', settings.threshold).prob for b in range(m.shape[1])])
     else:

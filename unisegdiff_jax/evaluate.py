@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from unisegdiff_jax import ensemble
 from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import metrics as metrics_lib
 
@@ -27,26 +28,33 @@ def resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.asarray(Image.fromarray(prob.astype(np.float32), mode='F').resize((width, height), Image.BILINEAR))
 
 
+_WARMED: set = set()  # (segment function, batch size, image size) already compiled and run once
+
+
 def predict_probabilities(segment: Callable, params, cases: Sequence[input_pipeline.EvalCase],
                           config: ml_collections.ConfigDict, rng: jax.Array, *, batch_sharding=None
                           ) -> tuple[list[np.ndarray], float]:
   """Native-resolution foreground probabilities for `cases`, and the sampling seconds per image.
 
-  Batches are padded to `config.sampling.batch_size` so one compiled program serves every batch.
+  Batches are padded to `config.sampling.batch_size` so one compiled program serves every batch; each case
+  samples with its own key (`ensemble.case_keys`), so its result does not depend on its batch.
   """
   size = config.data.image_size
   batch_size = config.sampling.batch_size
   out, seconds = [], 0.0
-  warm_up = jnp.zeros((batch_size, size, size, 3), jnp.float32)
-  warm_up = warm_up if batch_sharding is None else jax.device_put(warm_up, batch_sharding)
-  jax.block_until_ready(segment(params, warm_up, rng))  # compile outside the timed region
-  for index, chunk in enumerate(input_pipeline.batched(list(cases), batch_size)):
+  if (segment, batch_size, size) not in _WARMED:  # compile (and first-run allocations) outside the timing, once
+    warm_up = jnp.zeros((batch_size, size, size, 3), jnp.float32)
+    warm_up = warm_up if batch_sharding is None else jax.device_put(warm_up, batch_sharding)
+    jax.block_until_ready(segment(params, warm_up, ensemble.case_keys(rng, [], batch_size)))
+    _WARMED.add((segment, batch_size, size))
+  for chunk in input_pipeline.batched(list(cases), batch_size):
     images = np.zeros((batch_size, size, size, 3), np.float32)
     for i, case in enumerate(chunk):
       images[i] = input_pipeline.resize_image(case.image, size)
     images = jnp.asarray(images) if batch_sharding is None else jax.device_put(images, batch_sharding)
     start = time.perf_counter()
-    prob = np.asarray(jax.block_until_ready(segment(params, images, jax.random.fold_in(rng, index))))
+    keys = ensemble.case_keys(rng, [f'{c.dataset}/{c.case_id}' for c in chunk], batch_size)
+    prob = np.asarray(jax.block_until_ready(segment(params, images, keys)))
     seconds += time.perf_counter() - start
     for i, case in enumerate(chunk):
       out.append(resize_probability(prob[i, ..., 0], *case.mask.shape))

@@ -167,12 +167,12 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, input_path: str
   batch_sharding = NamedSharding(train.create_mesh(), P('data'))
   rng = jax.random.PRNGKey(config.seed)
   empty = jax.device_put(np.zeros((batch_size, size, size, 3), np.float32), batch_sharding)
-  compiled = members_fn.lower(params, empty, rng).compile()  # compile outside the per-image timing
+  compiled = members_fn.lower(params, empty, ensemble.case_keys(rng, [], batch_size)).compile()  # untimed
 
   rows, failed = [], 0
   bar = tqdm.tqdm(total=len(paths), unit='image', file=stderr, disable=not progress or len(paths) < 2,
                   dynamic_ncols=True)
-  for index, chunk in enumerate(input_pipeline.batched(list(zip(paths, names)), batch_size)):
+  for chunk in input_pipeline.batched(list(zip(paths, names)), batch_size):
     start = time.perf_counter()
     loaded = []
     for path, name in chunk:
@@ -187,8 +187,8 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, input_path: str
     images = np.zeros((batch_size, size, size, 3), np.float32)
     for i, (_, _, image) in enumerate(loaded):
       images[i] = input_pipeline.resize_image(image, size)
-    members = np.asarray(compiled(params, jax.device_put(images, batch_sharding),
-                                  jax.random.fold_in(rng, index)))
+    keys = ensemble.case_keys(rng, [name for _, name, _ in loaded], batch_size)  # per image, from its name
+    members = np.asarray(compiled(params, jax.device_put(images, batch_sharding), keys))
     shared = (time.perf_counter() - start) / len(loaded)
     for i, (path, name, image) in enumerate(loaded):
       begin = time.perf_counter()

@@ -55,21 +55,6 @@ def probability_from_x0(x0: jnp.ndarray, process: diffusion.StagedDiffusion) -> 
   return process.x0_to_probability(x0)
 
 
-def make_segment_fn(model, process: diffusion.StagedDiffusion, timesteps: np.ndarray):
-  """A jit-able (params, images [B,S,S,3], rng) -> foreground probability [B,S,S,1]."""
-
-  def segment(params, images, rng):
-    features = model.apply(params, images, method=model.encode)
-
-    def denoise(feats, x_t, t, stage_id, self_cond):
-      return model.apply(params, feats, x_t, t, stage_id, self_cond, method=model.denoise)
-
-    noise = jax.random.normal(rng, images.shape[:-1] + (1,), jnp.float32)
-    return probability_from_x0(ddim_sample(denoise, features, noise, timesteps, process), process)
-
-  return segment
-
-
 # ---------------------------------------------------------------------------------------------------------
 # DDPM (ancestral) sampling, sampler selection by name and the "anytime" per-stage estimates.
 
@@ -116,7 +101,8 @@ def ddpm_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.n
   DDPM with the subsequence's own betas. eta = 0 is `ddim_sample`. The last step (to t = -1, ab = 1) has
   sigma = 0 and returns x0_hat exactly. Deterministic given `rng` (step i uses fold_in(rng, i)).
 
-  Args/returns as `ddim_sample`, plus `rng` for the per-step noise (unused, may be None, when eta = 0).
+  Args/returns as `ddim_sample`, plus `rng` for the per-step noise (unused, may be None, when eta = 0):
+  one key, or one key per row [B, 2] (then a row's noise does not depend on the other rows).
   """
   alpha_bar = jnp.asarray(process.alpha_bar)
   ts = jnp.asarray(timesteps, jnp.int32)
@@ -133,7 +119,10 @@ def ddpm_sample(denoise: Callable, features, noise: jnp.ndarray, timesteps: np.n
     else:
       ab = alpha_bar[t]
       sigma = eta * jnp.sqrt((1.0 - ab_next) / (1.0 - ab)) * jnp.sqrt(jnp.maximum(1.0 - ab / ab_next, 0.0))
-      z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+      if rng.ndim == 2:  # per-row keys
+        z = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], x.dtype))(rng)
+      else:
+        z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
       x_next = x_next + jnp.sqrt(jnp.maximum(1.0 - ab_next - sigma ** 2, 0.0)) * eps_hat + sigma * z
     return (x_next, x0_hat), (x0_hat if return_trajectory else None)
 

@@ -83,16 +83,18 @@ def predict_fused(members_fn, params, cases: Sequence[input_pipeline.EvalCase], 
   size = config.data.image_size
   batch_size = config.sampling.batch_size
   zeros = jax.device_put(np.zeros((batch_size, size, size, 3), np.float32), batch_sharding)
-  compiled = members_fn.lower(params, zeros, rng).compile()
-  jax.block_until_ready(compiled(params, zeros, rng))  # one untimed run: first-run allocations
+  no_keys = ensemble.case_keys(rng, [], batch_size)
+  compiled = members_fn.lower(params, zeros, no_keys).compile()
+  jax.block_until_ready(compiled(params, zeros, no_keys))  # one untimed run: first-run allocations
   out, seconds = [], 0.0
-  for index, chunk in enumerate(input_pipeline.batched(list(cases), batch_size)):
+  for chunk in input_pipeline.batched(list(cases), batch_size):
     images = np.zeros((batch_size, size, size, 3), np.float32)
     for i, case in enumerate(chunk):
       images[i] = input_pipeline.resize_image(case.image, size)
     images = jax.device_put(images, batch_sharding)
     start = time.perf_counter()
-    members = np.asarray(jax.block_until_ready(compiled(params, images, jax.random.fold_in(rng, index))))
+    keys = ensemble.case_keys(rng, [f'{c.dataset}/{c.case_id}' for c in chunk], batch_size)
+    members = np.asarray(jax.block_until_ready(compiled(params, images, keys)))
     probs = [ensemble.fuse(members[:, i], settings.fusion, settings.threshold).prob for i in range(len(chunk))]
     seconds += time.perf_counter() - start
     for case, prob in zip(chunk, probs):

@@ -229,7 +229,7 @@ class Phase:
   checkpoint_every_steps: int
   init_state: Callable[[], TrainState]
   step_fn: Callable  # jitted (state, batch, rng) -> (state, metrics)
-  segment: Callable  # jitted (params, images, rng) -> probability
+  segment: Callable  # (params, images, per-image keys [B, 2]) -> probability
   nfe: int
   sampler: str
   ensemble_size: int = 1
@@ -287,24 +287,25 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
   hooks = []
   if jax.process_index() == 0 and step < phase.num_steps:
     hooks.append(writers.ProgressHook(phase.num_steps, writer, config.train.log_every_steps))
-  stopped, train_metrics = None, []
+  stopped, train_metrics, pending = None, [], []
   with _StopRequest() as stop:
     while step < phase.num_steps:
       batch = _global_batch(next(train_iter), runtime.batch_sharding)
       state, metrics = phase.step_fn(state, batch, runtime.step_rng)
       step += 1
-      if float(metrics['finite']) == 0.0:
-        if config.train.nonfinite == 'stop':
-          checkpointing.wait_until_finished(manager)  # the last good checkpoint must finish writing first
-          raise NonFiniteError(
-              f'{phase.name}: non-finite loss or gradient at step {step}: training stopped; the latest '
-              f'checkpoint ({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip '
-              'to skip such steps')
-        logging.warning('%s: skipped step %d: non-finite loss or gradient', phase.name, step)
-      train_metrics.append(metrics)
+      pending.append(metrics)  # device arrays: the host does not wait for this step here
       for hook in hooks:
         hook(step)
-      if step % config.train.log_every_steps == 0 or step == phase.num_steps:
+      run_limit = config.train.max_steps_per_run
+      limit_reached = run_limit > 0 and step - start_step >= run_limit and step < phase.num_steps
+      stopping = stop.signal_name is not None or limit_reached
+      log_now = step % config.train.log_every_steps == 0 or step == phase.num_steps
+      if (log_now or stopping or step % phase.eval_every_steps == 0
+          or step % phase.checkpoint_every_steps == 0):
+        # The only host-device sync of the loop: at log, validation, checkpoint and stop steps.
+        train_metrics += _check_finite(jax.device_get(pending), step, phase, config, manager)
+        pending = []
+      if log_now:
         summary = {k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]}
         writer.write_scalars(step, {f'{prefix}train/{k}': v for k, v in summary.items()})
         train_metrics = []
@@ -317,9 +318,7 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
                            {checkpointing.BEST_METRIC: val['mean']['dice']})
       elif step % phase.checkpoint_every_steps == 0:
         checkpointing.save(manager, step, state, train_iter.get_state())
-      run_limit = config.train.max_steps_per_run
-      if stop.signal_name is not None or (run_limit > 0 and step - start_step >= run_limit
-                                          and step < phase.num_steps):
+      if stopping:
         if manager.latest_step() != step:
           checkpointing.save(manager, step, state, train_iter.get_state())
         stopped = stop.signal_name or f'max_steps_per_run={run_limit} reached'
@@ -337,6 +336,22 @@ def run_phase(phase: Phase, config: ml_collections.ConfigDict, runtime: _Runtime
     state, _ = checkpointing.restore(manager, best, abstract_state, with_data_iter=False)
   manager.close()
   return state.ema_params, best
+
+
+def _check_finite(fetched: list[dict], step: int, phase: Phase, config, manager) -> list[dict]:
+  """Applies the non-finite policy to the metrics of the steps up to `step` (fetched in one transfer)."""
+  first = step - len(fetched) + 1
+  for offset, metrics in enumerate(fetched):
+    if float(metrics['finite']) == 0.0:
+      bad = first + offset
+      if config.train.nonfinite == 'stop':
+        checkpointing.wait_until_finished(manager)  # the last good checkpoint must finish writing first
+        raise NonFiniteError(
+            f'{phase.name}: non-finite loss or gradient at step {bad}: training stopped; the latest '
+            f'checkpoint ({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip '
+            'to skip such steps')
+      logging.warning('%s: skipped step %d: non-finite loss or gradient', phase.name, bad)
+  return fetched
 
 
 def _make_runtime(config: ml_collections.ConfigDict, workdir: str) -> _Runtime:
