@@ -68,7 +68,12 @@ def _steps(dataset: sweeps.Dataset) -> tuple[int, int]:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config('smoke' if SMOKE else dataset.arg)
-  return int(config.pretrain.num_steps), int(config.train.num_steps)
+  steps = {'pretrain': int(config.pretrain.num_steps), 'train': int(config.train.num_steps)}
+  for override in ([] if SMOKE else dataset.overrides):  # a dataset's pinned step counts
+    for section in steps:
+      if override.startswith(f'--config.{section}.num_steps='):
+        steps[section] = int(override.split('=', 1)[1])
+  return steps['pretrain'], steps['train']
 
 
 SMOKE = False  # --smoke: every dataset at the `smoke` profile (seconds per run; checks the plumbing)

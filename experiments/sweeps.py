@@ -18,7 +18,9 @@ class Dataset:
 
 
 DATASETS = {
-    'synthetic': Dataset('configs/synthetic.py', '', ('--config.data.datasets=synthetic_lesions/eval1k',)),
+    # The experiments' synthetic profile: 300 + 1000 steps (the quick-start config trains 500 in phase 1).
+    'synthetic': Dataset('configs/synthetic.py', '', ('--config.data.datasets=synthetic_lesions/eval1k',
+                                                      '--config.train.num_steps=1000')),
     'kvasir_seg': Dataset('configs/polyp.py', 'cpu'),
     'busi': Dataset('configs/breast.py', 'cpu'),
     'ph2': Dataset('configs/skin.py', 'cpu', ('--config.data.datasets=ph2',)),

@@ -81,6 +81,12 @@ def test_plan_shares_phase0_and_gives_scratch_the_phase0_steps():
   assert f'--config.train.num_steps={pre + steps}' in scratch.command
 
 
+def test_scratch_on_the_synthetic_set_adds_phase0_steps_to_the_pinned_phase1_steps():
+  tasks = {t.key: t for t in run_lib.plan(['encoder'], ['synthetic'], [0], '/r', '/res', [])}
+  command = tasks['synthetic/scratch/seed0'].command
+  assert command[-1] == '--config.train.num_steps=1300'  # 300 + 1000 (the last flag wins)
+
+
 def test_unified_arms_run_only_on_the_unified_data():
   tasks = run_lib.plan(['unified'], [], [0], '/r', '/res', [])
   keys = {t.key for t in tasks}
