@@ -43,6 +43,7 @@ class Task:
   kind: str = 'train'  # pretrain | train | budget_val | budget_test
   done: bool = False
   failed: bool = False
+  keep_results: bool = False  # retrained only for its checkpoint: the collected results stay as they are
 
 
 def commit() -> tuple[str, bool]:
@@ -310,7 +311,7 @@ class Runner:
       os.makedirs(kept, exist_ok=True)
       for name in ('summary.json', 'per_case.csv'):
         shutil.copy(os.path.join(out, name), os.path.join(kept, name))
-    elif finished:
+    elif finished and not task.keep_results:
       collect(task, started, self.commit, self.hardware)
     with self.lock:
       task.done, task.failed = finished, not finished
@@ -321,6 +322,11 @@ class Runner:
   def run(self) -> int:
     for task in self.tasks:
       task.done = _finished(task)
+    needed = {d for t in self.tasks if not t.done for d in t.deps}
+    for task in self.tasks:  # results from elsewhere (another machine) but no checkpoint here for a dependent
+      if task.kind == 'pretrain' and task.done and task.key in needed and not os.path.isdir(
+          os.path.join(task.workdir, 'pretrain', 'checkpoints')):
+        task.done, task.keep_results = False, True
     todo = sum(not t.done for t in self.tasks)
     print(f'{len(self.tasks)} tasks, {len(self.tasks) - todo} already finished, {todo} to run', flush=True)
     threads: list[threading.Thread] = []

@@ -34,6 +34,7 @@ FAKE_MAIN = textwrap.dedent('''
         f.write(json.dumps({'step': 10, prefix + 'val/dice': dice}) + '\\n')
     if mode == 'pretrain':
       write(os.path.join(workdir, 'pretrain', 'eval', 'test'), 'pretrain/')
+      os.makedirs(os.path.join(workdir, 'pretrain', 'checkpoints'), exist_ok=True)
     elif mode == 'train':
       write(os.path.join(workdir, 'eval', 'test'), '')
     elif mode == 'sweep':
@@ -114,6 +115,18 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   assert run_lib.Runner(make(['targets'], seeds=(0,)), 2, None, 'test').run() == 0
   assert _calls(tmp_path)[first:] == [f"train {interrupted.workdir}"]
   assert (results / 'x0_only' / 'seed0' / 'summary.json').exists()
+
+
+def test_phase0_results_without_a_checkpoint_are_retrained_for_the_arms_but_kept(fake):
+  """Results copied from another machine: phase 0 retrains here (its arms need the checkpoint); its results stay."""
+  make, tmp_path = fake
+  kept = tmp_path / 'results' / 'synthetic' / 'segmenter' / 'seed0'
+  os.makedirs(kept)
+  (kept / 'summary.json').write_text('{"from": "elsewhere"}')
+  tasks = [t for t in make(['targets'], seeds=(0,)) if t.key.endswith(('segmenter/seed0', 'eps_only/seed0'))]
+  assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
+  assert [c.split()[0] for c in _calls(tmp_path)] == ['pretrain', 'train']
+  assert json.loads((kept / 'summary.json').read_text()) == {'from': 'elsewhere'}
 
 
 def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
