@@ -136,6 +136,23 @@ def test_predict_with_a_ddpm_ensemble(config, checkpoint, tmp_path):
   assert prob.shape == (21, 30)
   uncertainty = np.asarray(Image.open(os.path.join(out, 'one_uncertainty.png')))
   assert uncertainty.shape == (21, 30) and uncertainty.max() <= 255
+  # The same members by hand (the image's own key, from the seed and its name), fused by hand.
+  from unisegdiff_jax import ensemble, evaluate, image_io, input_pipeline  # pylint: disable=g-import-not-at-top
+  process, settings = predict.validate(config)
+  model, params, _ = predict.restore_params(config, checkpoint, None, process)
+  _, members_fn, _ = ensemble.make_segment_fn(model, process, settings)
+  images = np.zeros((config.sampling.batch_size, 16, 16, 3), np.float32)
+  images[0] = input_pipeline.resize_image(image_io.read_image(image_path), 16)
+  keys = ensemble.case_keys(jax.random.PRNGKey(config.seed), ['one'], config.sampling.batch_size)
+  members = np.asarray(members_fn(params, images, keys))[:, 0, ..., 0]  # [K, 16, 16]
+  assert np.abs(members[0] - members[1]).max() > 1e-3  # the members differ
+  vote = (members >= 0.5).mean(axis=0)
+  expected_prob = np.clip(evaluate.resize_probability(vote, 21, 30), 0, 1)
+  assert np.abs(prob / 255.0 - expected_prob).max() <= 1 / 255 + 1e-6
+  expected_unc = np.clip(evaluate.resize_probability(np.clip(2 * members.std(axis=0), 0, 1), 21, 30), 0, 1)
+  assert np.abs(uncertainty / 255.0 - expected_unc).max() <= 1 / 255 + 1e-6
+  mask = np.asarray(Image.open(os.path.join(out, 'one_mask.png'))) > 0
+  np.testing.assert_array_equal(mask, expected_prob >= 0.5)
 
 
 def test_predict_errors_that_stop_everything(config, checkpoint, tmp_path):
