@@ -209,21 +209,25 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
 
 
 def _log_span_seconds(workdir: str, kind: str) -> float | None:
-  """Seconds between the first and the last timestamped (absl) line of a run's log, for collect_only."""
+  """Wall seconds of the run that produced the results, from its log's absl timestamps (for collect_only):
+  from the first stamp of the first sitting (main.py start, 'JAX process') that printed a test Dice to the
+  last stamp before that print. Reruns append to the same log and are ignored."""
   import re  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, f'log_{kind}.txt')
   if not os.path.exists(path):
     return None
-  stamps = []
+  stamps: list[float] = []
   with open(path, errors='replace') as f:
     for line in f:
       if 'JAX process' in line and stamps:
-        break  # main.py's first line: a later rerun appended to the same log
+        stamps = []  # a new sitting: the previous one printed no test Dice
       match = re.match(r'^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)', line)
       if match:
         h, m, sec = match.groups()
         stamps.append(3600 * int(h) + 60 * int(m) + float(sec))
-  return (stamps[-1] - stamps[0]) % 86400 if len(stamps) > 1 else None
+      if line.startswith('Pre-trained segmenter: test Dice' if kind == 'pretrain' else 'Test Dice'):
+        return (stamps[-1] - stamps[0]) % 86400 if len(stamps) > 1 else None
+  return None
 
 
 def collect_only(tasks: list[Task], hardware: str) -> int:
