@@ -1,0 +1,1 @@
+"""Benchmarks of the train step, sampling, the input pipeline, memory and device scaling."""
