@@ -189,3 +189,9 @@ def test_one_and_eight_devices_give_the_same_loss():
   assert one['devices'] == 1 and eight['devices'] == 8
   np.testing.assert_allclose(one['losses'], eight['losses'], rtol=2e-5)
   np.testing.assert_allclose(one['param_sum'], eight['param_sum'], rtol=2e-5)
+
+
+def test_pretrain_mode_without_phase0_is_one_line_error(smoke_config, tmp_path):
+  smoke_config.pretrain.enabled = False
+  with pytest.raises(train.ConfigError, match='no phase 0 to train'):
+    train.train_and_evaluate(smoke_config, str(tmp_path), pretrain_only=True)

@@ -509,6 +509,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, pretr
   and hands it to every phase-1 arm through `config.pretrain.checkpoint`).
   """
   process = validate_config(config)
+  if pretrain_only and not config.pretrain.enabled:
+    raise ConfigError('--mode=pretrain with config.pretrain.enabled=False: there is no phase 0 to train')
   check_workdir(workdir)
   runtime = _make_runtime(config, workdir)
   logging.info('stage table: %s', process.describe())
