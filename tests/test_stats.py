@@ -195,7 +195,15 @@ def test_compare_without_shared_seeds():
   row = stats.compare(a, b, n_resamples=300)
   assert row['seeds'] == [] and row['seed_diffs'] == {}
   assert row['mean_a'] == pytest.approx(52.5) and row['mean_b'] == pytest.approx(47.5)
-  assert row['diff'] == pytest.approx(5.0) and row['verdict'] == 'better'
+  assert row['diff'] == pytest.approx(5.0) and row['verdict'] == 'undecided'  # no shared seed decides
+
+
+def test_one_shared_seed_never_calls_a_difference():
+  a = {0: {('x', f'x{i}'): 0.8 for i in range(20)}}
+  b = {0: {('x', f'x{i}'): 0.7 for i in range(20)}}  # +10 points on every image
+  row = stats.compare(a, b, n_resamples=300)
+  assert row['seeds'] == [0] and row['ci95'][0] == pytest.approx(10.0) and row['verdict'] == 'undecided'
+  assert stats.compare(a, b, n_resamples=300, min_seeds=1)['verdict'] == 'better'
 
 
 def test_compare_single_dataset_and_noise():
