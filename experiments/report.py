@@ -36,7 +36,8 @@ HYGIENE = (
     'evaluated once per arm. The unit is the test image, its Dice averaged over seeds. Intervals are 95 % paired '
     'bootstrap intervals ({n} resamples, stratified by dataset for cross-dataset means); p-values are Wilcoxon '
     'signed-rank, Holm-corrected within a sweep and dataset. A difference is called only if the 95 % interval '
-    'excludes 0 and every one of at least two shared seeds agrees; "no difference" only when the 90 % interval lies inside ±{m:g} Dice point; '
+    'excludes 0 and every one of at least two shared seeds agrees; "no difference" only when the 90 % '
+    'interval lies inside ±{m:g} Dice point; '
     'otherwise "undecided". Failure = Dice < 0.5 on the seed-averaged image; miss = a lesion with Dice 0.')
 
 
