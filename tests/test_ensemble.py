@@ -300,8 +300,7 @@ def tiny_model():
   process = diffusion.from_config(config.diffusion)
   # With the phase-0 decoder, so the conditioning folded into the batch is {features, coarse_logits}.
   model = denoiser_lib.build_model(config.model, process.num_stages, coarse_logits_decoder_width=8)
-  # Random weights without compiling model.init (~10 s on a small CPU); train.init_params is not used
-  # because importing train pulls in TensorFlow (via clu).
+  # Random weights without compiling model.init (~10 s on a small CPU).
   t = jnp.zeros((1,), jnp.int32)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 1)), t, t))
