@@ -97,10 +97,10 @@ def test_oracle_denoiser_has_perfect_implied_x0(setup):
 
   def oracle(p, cond, x_t, t, stage_id, self_cond):
     del p, cond, stage_id, self_cond
-    ab = diffusion._bcast(jnp.take(alpha_bar, t), x_t)  # pylint: disable=protected-access
+    ab = diffusion.broadcast_like(jnp.take(alpha_bar, t), x_t)
     a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
     eps = (x_t - a * x0) / s
-    kind = diffusion._bcast(jnp.take(jnp.asarray(process.lookup.target_id), t), x_t)  # pylint: disable=protected-access
+    kind = diffusion.broadcast_like(jnp.take(jnp.asarray(process.lookup.target_id), t), x_t)
     return jnp.where(kind == 0, x0, jnp.where(kind == 1, eps, a * eps - s * x0))
 
   encode, _ = attention.model_fns(model)

@@ -186,18 +186,19 @@ def make_alpha_bar(schedule: str, num_timesteps: int, beta_start: float = 1e-4,
   raise ValueError(f"unknown noise schedule '{schedule}': choose linear or cosine")
 
 
-def _bcast(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
+def broadcast_like(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
+  """Per-sample values [B] reshaped to broadcast against `like` [B, ...]."""
   return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
 def q_sample(x0, eps, t, alpha_bar):
   """Forward process x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (t: int array [B])."""
-  ab = _bcast(jnp.take(alpha_bar, t), x0)
+  ab = broadcast_like(jnp.take(alpha_bar, t), x0)
   return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
 
 
 def velocity(x0, eps, t, alpha_bar):
-  ab = _bcast(jnp.take(alpha_bar, t), x0)
+  ab = broadcast_like(jnp.take(alpha_bar, t), x0)
   return jnp.sqrt(ab) * eps - jnp.sqrt(1.0 - ab) * x0
 
 
@@ -208,9 +209,9 @@ def prediction_to_x0_eps(prediction, x_t, t, target_id, alpha_bar):
   `jnp.where` (vectorised, no Python branch per sample). The eps -> x0 division is guarded at t where
   alpha_bar is tiny (not reached by the default table, which predicts x0 there).
   """
-  ab = _bcast(jnp.take(alpha_bar, t), x_t)
+  ab = broadcast_like(jnp.take(alpha_bar, t), x_t)
   a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-  kind = _bcast(target_id, x_t)
+  kind = broadcast_like(target_id, x_t)
   # x0 target.
   x0_from_x0 = prediction
   eps_from_x0 = (x_t - a * prediction) / jnp.maximum(s, 1e-8)
@@ -232,8 +233,8 @@ def select_targets(x0_by_stage, eps, t, alpha_bar, target_id_of_t, stage_id_of_t
   Returns (target, x0) with x0 the sample's own stage's clean mask.
   """
   stage = jnp.take(stage_id_of_t, t)
-  x0 = jnp.take_along_axis(x0_by_stage, _bcast(stage, x0_by_stage[0])[None], axis=0)[0]
-  kind = _bcast(jnp.take(target_id_of_t, t), eps)
+  x0 = jnp.take_along_axis(x0_by_stage, broadcast_like(stage, x0_by_stage[0])[None], axis=0)[0]
+  kind = broadcast_like(jnp.take(target_id_of_t, t), eps)
   v = velocity(x0, eps, t, alpha_bar)
   return jnp.where(kind == 0, x0, jnp.where(kind == 1, eps, v)), x0
 

@@ -85,7 +85,7 @@ def staged_loss(predict: Callable[..., jnp.ndarray], mask: jnp.ndarray, rng: jax
                                                alpha_bar)
     own_x0 = jax.lax.stop_gradient(jnp.clip(own_x0, -scale, scale))
     use = (jax.random.uniform(rec_rng, (batch,)) < recycling) & (target_id == 0)
-    x_t = jnp.where(diffusion._bcast(use, x_t), diffusion.q_sample(own_x0, eps, t, alpha_bar), x_t)
+    x_t = jnp.where(diffusion.broadcast_like(use, x_t), diffusion.q_sample(own_x0, eps, t, alpha_bar), x_t)
 
   self_cond = no_sc
   if self_condition:
@@ -93,7 +93,7 @@ def staged_loss(predict: Callable[..., jnp.ndarray], mask: jnp.ndarray, rng: jax
     estimate, _ = diffusion.prediction_to_x0_eps(first, x_t, t, target_id, alpha_bar)
     estimate = jax.lax.stop_gradient(jnp.clip(estimate, -scale, scale))
     use = jax.random.uniform(sc_rng, (batch,)) < 0.5
-    self_cond = jnp.where(diffusion._bcast(use, estimate), estimate, 0.0)
+    self_cond = jnp.where(diffusion.broadcast_like(use, estimate), estimate, 0.0)
   prediction = predict(x_t, t, stage_id, self_cond)
   x0_hat, _ = diffusion.prediction_to_x0_eps(prediction, x_t, t, target_id, alpha_bar)
   unit_x0_hat = x0_hat / scale
