@@ -15,7 +15,9 @@ import os
 
 import ml_collections
 
-STAGE_PRESET_NAMES = ('three_stage', 'two_stage', 'eps_only', 'x0_only', 'v_only')
+from unisegdiff_jax import diffusion
+
+STAGE_PRESET_NAMES = tuple(diffusion.STAGE_PRESETS)  # one source of truth: the stage-table presets
 PRETRAIN_PRESETS = ('scratch', 'frozen', 'finetune')
 
 
@@ -143,15 +145,6 @@ def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_co
       raise ValueError(f"unknown config argument '{token}': use smoke, cpu, a stage preset "
                        f"({', '.join(STAGE_PRESET_NAMES)}) or {', '.join(PRETRAIN_PRESETS)}")
   return config
-
-
-def is_built(name: str, data_dir: str) -> bool:
-  """Whether a TFDS dataset is built (False on any problem: configs must load without data)."""
-  try:
-    import data_prep  # pylint: disable=g-import-not-at-top
-    return data_prep.is_built(name, data_dir)
-  except Exception:  # pylint: disable=broad-except
-    return False
 
 
 def tokens(arg: str | None) -> list[str]:

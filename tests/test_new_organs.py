@@ -266,13 +266,14 @@ def _load_config(name, arg=None):
 
 
 def test_unified_is_a_fixed_list_and_organ_configs(monkeypatch, tmp_path):
-  from configs import default  # pylint: disable=g-import-not-at-top
+  import data_prep  # pylint: disable=g-import-not-at-top
 
   def no_probing(*_):
-    raise AssertionError('unified.py must not probe the disk')
+    raise AssertionError('a config file must not probe the disk')
 
-  monkeypatch.setattr(default, 'is_built', no_probing)
+  monkeypatch.setattr(data_prep, 'is_built', no_probing)
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'empty'))
+  assert _load_config('skin').data.datasets == 'ph2'
   config = _load_config('unified')
   assert config.data.datasets == 'kvasir_seg,ph2,busi,lgg_brain_mri,ddti_thyroid_us'
   assert config.data.image_size == 256
