@@ -37,9 +37,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def _setup_runtime() -> None:
   """Multi-host init, TensorFlow off accelerators, persistent compilation cache."""
   import jax  # pylint: disable=g-import-not-at-top
-  if any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
-                                   'MEGASCALE_COORDINATOR_ADDRESS')):
-    jax.distributed.initialize()
+  if 'JAX_NUM_PROCESSES' in os.environ:  # explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives (only CPU uses them)
+    jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], int(os.environ['JAX_NUM_PROCESSES']),
+                               int(os.environ['JAX_PROCESS_ID']))
+  elif any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
+                                     'MEGASCALE_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()  # cluster auto-detection (Slurm, Cloud TPU, GKE)
   try:  # TensorFlow (TFDS, TensorBoard writers) stays off the accelerators; the project runs without it.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')

@@ -51,7 +51,10 @@ import numpy as np
 
 from unisegdiff_jax import ensemble
 from unisegdiff_jax import input_pipeline
-from unisegdiff_jax import train
+from unisegdiff_jax import config_checks
+from unisegdiff_jax import inference
+from unisegdiff_jax import phases
+from unisegdiff_jax import train_state
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file (file.py or file.py:args).', lock_config=True)
@@ -134,16 +137,16 @@ def _random_batch(config, batch: int) -> dict:
 
 def _train_setup(config, devices):
   """(make_jit, state, batch, rng, batch_sharding) for the diffusion train step on a Mesh of `devices`."""
-  process = train.validate_config(config, num_devices=len(devices))
-  model, optimizer, _ = train.diffusion_parts(config, process)
+  process = config_checks.validate_config(config, num_devices=len(devices))
+  model, optimizer, _ = phases.diffusion_parts(config, process)
   mesh = Mesh(np.asarray(devices), ('data',))
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   rng = jax.random.PRNGKey(config.seed)
   # Under jit, as train.py does: params and ema_params become distinct buffers (both are donated).
-  state = jax.jit(lambda r: train.create_train_state(model, config, optimizer, r), out_shardings=replicated)(rng)
+  state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r), out_shardings=replicated)(rng)
 
   def make_jit():  # a fresh jit object each time: its own in-memory compilation cache
-    return jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer, process=process,
+    return jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
                                      config=config),
                    in_shardings=(replicated, batch_sharding, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -241,30 +244,30 @@ def bench_train(config) -> None:
 
 
 def bench_inference(config) -> None:
-  process = train.validate_config(config)
-  model, _, _ = train.diffusion_parts(config, process)
+  process = config_checks.validate_config(config)
+  model, _, _ = phases.diffusion_parts(config, process)
   rng = jax.random.PRNGKey(config.seed)
-  params = jax.jit(lambda r: train.init_params(model, config, r))(rng)  # eager flax init is slow
+  params = jax.jit(lambda r: train_state.init_params(model, config, r))(rng)  # eager flax init is slow
   batch, repeats = config.sampling.batch_size, max(1, min(FLAGS.steps, 5))
   images = jax.device_put(_random_batch(config, batch)['image'])
   names = [f'bench_{i}' for i in range(batch)]
   staged = ensemble.settings_from_config(config, sampler='staged', ensemble_size=1)
-  segment, members, nfe = ensemble.make_segment_fn(model, process, staged)
+  members_fn, nfe = phases.diffusion_members(model, process, staged)
+  members = jax.jit(members_fn)
   for n in sorted({1, batch}):
     keys = ensemble.case_keys(rng, names[:n], n)
     run = lambda n=n, keys=keys: jax.block_until_ready(members(params, images[:n], keys))
     run()  # compile
     _emit('inference/s_per_nfe', _median_time(run, repeats) / nfe, 's', batch=n, sampler=staged.label)
-  variants = [(staged, segment, nfe)]
-  for settings in (ensemble.Settings('ddim', 100, 1, 'mean', 0.5), dataclasses.replace(staged, ensemble_size=5)):
-    segment_fn, _, nfe_per_image = ensemble.make_segment_fn(model, process, settings)
-    variants.append((settings, segment_fn, nfe_per_image))
-  keys = ensemble.case_keys(rng, names, batch)
-  for settings, segment_fn, nfe_per_image in variants:
-    run = lambda fn=segment_fn: fn(params, images, keys)
-    run()  # compile
+  host_images = np.asarray(images)
+  for settings in (staged, ensemble.Settings('ddim', 100, 1, 'mean', 0.5), dataclasses.replace(staged, ensemble_size=5)):
+    fn, nfe_per_image = phases.diffusion_members(model, process, settings)
+    engine = inference.Engine(fn, settings, image_size=config.data.image_size, batch_size=batch)
+    engine.compile(params, rng)
+    run = lambda engine=engine: engine.run(params, host_images, names, rng)  # the evaluation / predict path
     _emit('inference/s_per_image', _median_time(run, repeats) / batch, 's', sampler=settings.label,
-          ensemble_size=settings.ensemble_size, nfe=nfe_per_image, batch=batch)
+          ensemble_size=settings.ensemble_size, nfe=nfe_per_image, batch=batch,
+          compile_s=round(engine.compile_seconds, 2))
 
 
 def bench_input(config) -> None:

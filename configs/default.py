@@ -123,7 +123,6 @@ def base_config() -> ml_collections.ConfigDict:
   # gradient-free estimate of pure noise instead of the truth (0 = off).
   config.train.recycling = 0.0
   config.train.max_steps_per_run = 0  # > 0: checkpoint and exit 0 after this many steps (resume later)
-  config.train.debug_nonfinite_step = 0  # > 0: make that step's loss NaN (tests the non-finite policy)
   return config
 
 

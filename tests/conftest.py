@@ -34,3 +34,20 @@ def smoke_config(tiny_data_dir):
   config = synthetic.get_config('smoke')
   config.data.data_dir = tiny_data_dir
   return config
+
+
+@pytest.fixture
+def inject_nonfinite(monkeypatch):
+  """inject_nonfinite(k): the loss of optimiser step k (1-based) becomes NaN, in every phase's step built
+  afterwards (fault injection for the non-finite policy; production steps have no such knob)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from unisegdiff_jax import train_state  # pylint: disable=g-import-not-at-top
+  real = train_state.apply_gradients
+
+  def inject(bad_step: int):
+    def faulty(state, loss_and_grads, optimizer, config):
+      (loss, metrics), grads = loss_and_grads
+      loss = loss * jnp.where(state.step + 1 == bad_step, jnp.nan, 1.0)
+      return real(state, ((loss, metrics), grads), optimizer, config)
+    monkeypatch.setattr(train_state, 'apply_gradients', faulty)
+  return inject

@@ -13,7 +13,9 @@ import pytest
 
 from experiments import attention
 from unisegdiff_jax import diffusion
+from unisegdiff_jax import phases
 from unisegdiff_jax import train
+from unisegdiff_jax import train_state
 
 BINS = 4
 
@@ -28,8 +30,8 @@ def setup(smoke_config):
   config.model.denoiser.channel_mult = (1, 2)
   config.model.denoiser.attention_levels = (1,)
   process = train.validate_config(config)
-  model, _, _ = train.diffusion_parts(config, process)
-  shapes = jax.eval_shape(lambda: train.init_params(model, config, jax.random.PRNGKey(0)))
+  model, _, _ = phases.diffusion_parts(config, process)
+  shapes = jax.eval_shape(lambda: train_state.init_params(model, config, jax.random.PRNGKey(0)))
   rs = np.random.RandomState(0)
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(rs.normal(0.0, 0.2, x.shape).astype(x.dtype)), shapes)
   images, masks, counts = attention.load_cases(config, config.data.val_split, 6)

@@ -8,6 +8,8 @@ import pytest
 
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import ensemble
+from unisegdiff_jax import inference
+from unisegdiff_jax import phases
 from unisegdiff_jax import sampling
 
 
@@ -314,7 +316,8 @@ def tiny_model():
 def test_ensemble_members_fold_into_the_batch(tiny_model, sampler, steps, fusion):
   model, process, params, images = tiny_model
   settings = ensemble.Settings(sampler, steps, 3, fusion, 0.5)
-  segment, members3, nfe = ensemble.make_segment_fn(model, process, settings)
+  members_fn, nfe = phases.diffusion_members(model, process, settings)
+  members3 = jax.jit(members_fn)
   ts = sampling.timesteps_for(process, sampler, steps)
   assert nfe == 3 * len(ts)
   keys = ensemble.case_keys(jax.random.PRNGKey(7), ['a', 'b'], 2)
@@ -324,27 +327,34 @@ def test_ensemble_members_fold_into_the_batch(tiny_model, sampler, steps, fusion
   other = ensemble.case_keys(jax.random.PRNGKey(8), ['a', 'b'], 2)
   assert np.abs(a - np.asarray(members3(params, images, other))).max() > 1e-4
   assert np.abs(a[0] - a[1]).max() > 1e-4 and np.abs(a[1] - a[2]).max() > 1e-4  # members differ
-  # The segment function fuses the same members (STAPLE per image).
-  prob = segment(params, images, keys)
-  assert prob.shape == (2, 16, 16, 1)
+  # The engine fuses the same members (on the device for mean, STAPLE per image on the host).
+  engine = inference.Engine(members_fn, settings, image_size=16, batch_size=2)
+  out = engine.run(params, np.asarray(images), ['a', 'b'], jax.random.PRNGKey(7))
+  assert out.prob.shape == (2, 16, 16, 1)
   for b in range(2):
-    np.testing.assert_allclose(prob[b], ensemble.fuse(a[:, b], fusion, 0.5).prob, atol=1e-6)
+    np.testing.assert_allclose(out.prob[b], ensemble.fuse(a[:, b], fusion, 0.5).prob, atol=1e-5)
+    np.testing.assert_allclose(out.std[b], a[:, b].std(axis=0), atol=1e-5)
   if sampler == 'staged':
     # Member 0 of any ensemble (so an ensemble of one) is the one-member sample.
-    one, _, _ = ensemble.make_segment_fn(model, process, ensemble.Settings(sampler, steps, 1, 'mean', 0.5))
-    np.testing.assert_allclose(a[0], one(params, images, keys)[..., :], atol=1e-5)
+    one, _ = phases.diffusion_members(model, process, ensemble.Settings(sampler, steps, 1, 'mean', 0.5))
+    np.testing.assert_allclose(a[0], np.asarray(jax.jit(one)(params, images, keys))[0], atol=1e-5)
 
 
 @pytest.mark.parametrize('sampler,steps', [('staged', None), ('ddpm', 3)])
 def test_a_cases_result_does_not_depend_on_its_batch(tiny_model, sampler, steps):
-  """Image 'b' alone (padded to 2) or after image 'a' (batch of 2, batch of 3): the same members."""
+  """Through the inference engine: image 'b' alone, after image 'a', or in a bigger engine batch: the same
+  fused probability and member spread."""
   model, process, params, images = tiny_model
-  _, members, _ = ensemble.make_segment_fn(model, process, ensemble.Settings(sampler, steps, 2, 'mean', 0.5))
+  settings = ensemble.Settings(sampler, steps, 2, 'mean', 0.5)
+  members_fn, _ = phases.diffusion_members(model, process, settings)
   rng = jax.random.PRNGKey(3)
-  pair = np.asarray(members(params, images, ensemble.case_keys(rng, ['a', 'b'], 2)))[:, 1]
-  alone = np.asarray(members(params, images[::-1], ensemble.case_keys(rng, ['b'], 2)))[:, 0]
-  three = jnp.concatenate([images, images[:1]])
-  bigger = np.asarray(members(params, three, ensemble.case_keys(rng, ['a', 'b', 'c'], 3)))[:, 1]
-  np.testing.assert_allclose(alone, pair, atol=1e-5)
-  np.testing.assert_allclose(bigger, pair, atol=1e-5)
-  assert members._cache_size() == 2  # pylint: disable=protected-access  # batch 2 (twice) and batch 3
+  images = np.asarray(images)
+  small = inference.Engine(members_fn, settings, image_size=16, batch_size=2)
+  big = inference.Engine(members_fn, settings, image_size=16, batch_size=4)
+  pair = small.run(params, images, ['a', 'b'], rng)
+  alone = small.run(params, images[1:], ['b'], rng)
+  bigger = big.run(params, np.concatenate([images, images[:1]]), ['a', 'b', 'c'], rng)
+  for out, index in ((alone, 0), (bigger, 1)):
+    np.testing.assert_allclose(out.prob[index], pair.prob[1], atol=1e-5)
+    np.testing.assert_allclose(out.std[index], pair.std[1], atol=1e-5)
+  assert np.abs(pair.std[1]).max() > 1e-4  # the two members differ: the check is not vacuous

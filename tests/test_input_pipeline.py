@@ -33,12 +33,19 @@ def test_weighted_mixture_follows_the_weights():
     assert abs(counts[tag] / 3000 - share) < 0.02
 
 
-def test_processes_read_disjoint_shards():
-  seen = []
-  for process in range(2):
-    ds = input_pipeline.mixed_dataset([_source('a', 10)], [1.0], seed=0, process_index=process, process_count=2)
-    seen.append({ds[i]['index'] for i in range(5)})
-  assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
+def test_processes_read_their_rows_of_the_same_global_batches(smoke_config):
+  """Two processes' local batches, stacked, are exactly one process's global batches (images and masks,
+  augmentation included): 1 and 2 processes train on the same data."""
+  smoke_config.train.global_batch_size = 4
+  one = input_pipeline.create_train_iterator(smoke_config, process_index=0, process_count=1)
+  halves = [input_pipeline.create_train_iterator(smoke_config, process_index=p, process_count=2) for p in (0, 1)]
+  for _ in range(3):
+    whole = next(one)
+    parts = [next(h) for h in halves]
+    assert parts[0]['image'].shape[0] == 2
+    for key in ('image', 'mask'):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    assert not np.array_equal(parts[0]['image'], parts[1]['image'])  # the processes read different rows
 
 
 def test_epochs_are_reshuffled_and_deterministic():

@@ -42,11 +42,12 @@ def _random_state(abstract, seed):
 @pytest.fixture(scope='session')
 def checkpoint(tiny_data_dir, tmp_path_factory):
   """A workdir with checkpoints at steps 5 (best by val_dice) and 8; returns (workdir, data_dir)."""
-  from unisegdiff_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from unisegdiff_jax import checkpointing, phases, train, train_state  # pylint: disable=g-import-not-at-top
   config = _tiny_config(tiny_data_dir)
   process = train.validate_config(config)
-  model, optimizer, _ = train.diffusion_parts(config, process)  # the phase-1 state, as training saves it
-  abstract = jax.eval_shape(lambda: train.create_train_state(model, config, optimizer, jax.random.PRNGKey(0)))
+  model, optimizer, _ = phases.diffusion_parts(config, process)  # the phase-1 state, as training saves it
+  abstract = jax.eval_shape(
+      lambda: train_state.create_train_state(model, config, optimizer, jax.random.PRNGKey(0)))
   workdir = str(tmp_path_factory.mktemp('predict_workdir'))
   manager = checkpointing.create_manager(os.path.join(workdir, 'checkpoints'), keep=2, async_save=False)
   for step, dice, seed in ((5, 0.3, 0), (8, 0.1, 1)):
@@ -137,10 +138,10 @@ def test_predict_with_a_ddpm_ensemble(config, checkpoint, tmp_path):
   uncertainty = np.asarray(Image.open(os.path.join(out, 'one_uncertainty.png')))
   assert uncertainty.shape == (21, 30) and uncertainty.max() <= 255
   # The same members by hand (the image's own key, from the seed and its name), fused by hand.
-  from unisegdiff_jax import ensemble, evaluate, image_io, input_pipeline  # pylint: disable=g-import-not-at-top
+  from unisegdiff_jax import ensemble, evaluate, image_io, input_pipeline, phases  # pylint: disable=g-import-not-at-top
   process, settings = predict.validate(config)
   model, params, _ = predict.restore_params(config, checkpoint, None, process)
-  _, members_fn, _ = ensemble.make_segment_fn(model, process, settings)
+  members_fn = jax.jit(phases.diffusion_members(model, process, settings)[0])
   images = np.zeros((config.sampling.batch_size, 16, 16, 3), np.float32)
   images[0] = input_pipeline.resize_image(image_io.read_image(image_path), 16)
   keys = ensemble.case_keys(jax.random.PRNGKey(config.seed), ['one'], config.sampling.batch_size)

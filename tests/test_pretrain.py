@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import _fixed_batch
+from unisegdiff_jax import phases
 from unisegdiff_jax import pretrain
 from unisegdiff_jax import train
 from unisegdiff_jax import weights
@@ -16,7 +17,8 @@ def _leaves(tree):
 
 
 def _runtime(config, tmp_path):
-  return train._make_runtime(config, str(tmp_path))  # pylint: disable=protected-access
+  del tmp_path
+  return phases.make_runtime(config)
 
 
 def _pretrained_params(config):
@@ -32,8 +34,8 @@ def test_phase1_starts_from_the_pretrained_encoder(smoke_config, tmp_path, mode)
   runtime = _runtime(config, tmp_path)
   process = train.validate_config(config)
   pretrained = _pretrained_params(config)
-  phase = train.diffusion_phase(config, str(tmp_path), runtime, process, pretrained)
-  state = jax.jit(phase.init_state)()
+  phase = phases.diffusion_phase(config, str(tmp_path), runtime, process, pretrained)
+  state = phase.initial_state(runtime)
   for a, b in zip(_leaves(state.params['params']['encoder']), _leaves(pretrained['params']['encoder'])):
     np.testing.assert_array_equal(a, b)
   batch = jax.device_put(_fixed_batch(config), runtime.batch_sharding)
@@ -55,7 +57,7 @@ def test_phase1_starts_from_the_pretrained_encoder(smoke_config, tmp_path, mode)
 def test_scratch_trains_the_encoder_jointly(smoke_config, tmp_path):
   config = smoke_config
   config.pretrain.enabled = False
-  model, _, names = train.diffusion_parts(config, train.validate_config(config))
+  model, _, names = phases.diffusion_parts(config, train.validate_config(config))
   assert names == () and not model.freeze_encoder
 
 
@@ -65,8 +67,8 @@ def test_coarse_logits_add_an_input_channel(smoke_config, tmp_path):
   runtime = _runtime(config, tmp_path)
   process = train.validate_config(config)
   pretrained = _pretrained_params(config)
-  phase = train.diffusion_phase(config, str(tmp_path), runtime, process, pretrained)
-  state = jax.jit(phase.init_state)()
+  phase = phases.diffusion_phase(config, str(tmp_path), runtime, process, pretrained)
+  state = phase.initial_state(runtime)
   assert state.params['params']['denoiser']['conv_in']['kernel'].shape[2] == 2
   for a, b in zip(_leaves(state.params['params']['decoder']), _leaves(pretrained['params']['decoder'])):
     np.testing.assert_array_equal(a, b)
@@ -79,8 +81,8 @@ def test_segmenter_phase_learns_and_reads_external_weights(smoke_config, tmp_pat
   weights.save_encoder_weights(path, encoder)
   config.pretrain.external_weights = path
   runtime = _runtime(config, tmp_path)
-  phase = train.segmenter_phase(config, str(tmp_path), runtime)
-  state = jax.jit(phase.init_state)()
+  phase = phases.segmenter_phase(config, str(tmp_path), runtime)
+  state = phase.initial_state(runtime)
   for a, b in zip(_leaves(state.params['params']['encoder']), _leaves(encoder)):
     np.testing.assert_allclose(a, b, rtol=1e-7)
   batch = jax.device_put(_fixed_batch(config), runtime.batch_sharding)
@@ -89,8 +91,10 @@ def test_segmenter_phase_learns_and_reads_external_weights(smoke_config, tmp_pat
     state, metrics = phase.step_fn(state, batch, runtime.step_rng)
     first = float(metrics['loss']) if first is None else first
   assert float(metrics['loss']) < 0.8 * first
-  prob = phase.segment(state.params, batch['image'], jax.random.PRNGKey(0))
+  prob = np.asarray(jax.jit(phase.members)(state.params, batch['image'], None))[0]  # K = 1
   assert prob.shape == batch['mask'].shape and float(prob.min()) >= 0 and float(prob.max()) <= 1
+  # The segmenter's probability beats chance on its training batch (it has learned the squares).
+  assert float(np.mean((prob >= 0.5) == (np.asarray(batch['mask']) > 0))) > 0.9
 
 
 def test_wrong_external_weights_fail_with_one_line(smoke_config, tmp_path):
@@ -100,7 +104,8 @@ def test_wrong_external_weights_fail_with_one_line(smoke_config, tmp_path):
   path = str(tmp_path / 'bad.npz')
   weights.save_encoder_weights(path, encoder)
   config.pretrain.external_weights = path
-  phase = train.segmenter_phase(config, str(tmp_path), _runtime(config, tmp_path))
+  runtime = _runtime(config, tmp_path)
+  phase = phases.segmenter_phase(config, str(tmp_path), runtime)
   with pytest.raises(weights.WeightLoadError, match='mis-shaped') as err:
-    phase.init_state()
+    phase.initial_state(runtime)
   assert '\n' not in str(err.value)

@@ -20,7 +20,9 @@ import pytest
 
 from tests.conftest import ROOT
 from unisegdiff_jax import checkpointing
+from unisegdiff_jax import phases
 from unisegdiff_jax import train
+from unisegdiff_jax import train_state
 
 # HLO-relevant fields are the same in every run (num_steps is in the learning-rate schedule); runs are cut
 # short with max_steps_per_run, a signal or an error instead.
@@ -39,7 +41,7 @@ TINY = {
     'train.checkpoint_every_steps': 1000,
 }
 # The non-finite runs need their own step (the injected step is a constant in it); they share it.
-NONFINITE = {'train.num_steps': 8, 'train.debug_nonfinite_step': 5, 'train.checkpoint_every_steps': 2,
+NONFINITE = {'train.num_steps': 8, 'train.checkpoint_every_steps': 2,
              'train.eval_every_steps': 1000}
 
 CACHE_DIR = os.environ.get('JAX_COMPILATION_CACHE_DIR',
@@ -145,8 +147,8 @@ def _complete_steps(ckpt_dir):
 
 
 def _abstract_state(config):
-  model, optimizer, _ = train.diffusion_parts(config, train.validate_config(config))
-  return jax.eval_shape(lambda: train.create_train_state(model, config, optimizer, jax.random.PRNGKey(0)))
+  model, optimizer, _ = phases.diffusion_parts(config, train.validate_config(config))
+  return jax.eval_shape(lambda: train_state.create_train_state(model, config, optimizer, jax.random.PRNGKey(0)))
 
 
 def _restore(config, workdir, step=None, with_data_iter=True):
@@ -245,15 +247,20 @@ def test_sigterm_then_kill9_then_resume(tiny_data_dir, tmp_path):
 # 4. Non-finite loss: stop (exit 1, one line, last good checkpoint kept) or skip (train on to the end).
 
 
-def test_nonfinite_stop_exits_with_one_line(tiny_data_dir, tmp_path):
-  out = _run_main(tiny_data_dir, str(tmp_path), **NONFINITE)
-  assert out.returncode == 1, out.stderr[-3000:]
-  line = _one_error_line(out.stderr)
+def test_nonfinite_stop_is_a_one_line_user_error(smoke_config, tmp_path, inject_nonfinite):
+  from unisegdiff_jax import errors  # pylint: disable=g-import-not-at-top
+  inject_nonfinite(5)
+  config = _config(smoke_config, **NONFINITE)
+  with pytest.raises(train.NonFiniteError) as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  line = str(err.value)
+  assert isinstance(err.value, errors.USER_ERRORS) and '\n' not in line  # main.py prints it as one line
   assert 'non-finite loss or gradient at step 5' in line and 'latest checkpoint (4)' in line, line
   assert _complete_steps(str(tmp_path / 'checkpoints')) == [2, 4]
 
 
-def test_nonfinite_skip_trains_to_the_end(smoke_config, tmp_path, caplog):
+def test_nonfinite_skip_trains_to_the_end(smoke_config, tmp_path, caplog, inject_nonfinite):
+  inject_nonfinite(5)
   config = _config(smoke_config, **NONFINITE)
   config.train.nonfinite = 'skip'
   with caplog.at_level('WARNING'):

@@ -15,16 +15,18 @@ from tests.conftest import ROOT
 from unisegdiff_jax import checkpointing
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import input_pipeline
+from unisegdiff_jax import phases
 from unisegdiff_jax import train
+from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 
 def _setup(config):
   process = train.validate_config(config)
   model = denoiser_lib.build_model(config.model, process.num_stages)
-  optimizer = train.make_optimizer(config)
-  state = train.create_train_state(model, config, optimizer, jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer, process=process,
+  optimizer = train_state.make_optimizer(config)
+  state = train_state.create_train_state(model, config, optimizer, jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
                                    config=config))
   return process, model, optimizer, state, step
 
@@ -68,9 +70,9 @@ def test_second_training_step_does_not_recompile(smoke_config):
   assert step._cache_size() == 1  # pylint: disable=protected-access
 
 
-def test_nonfinite_step_is_not_applied(smoke_config):
+def test_nonfinite_step_is_not_applied(smoke_config, inject_nonfinite):
   config = smoke_config
-  config.train.debug_nonfinite_step = 2
+  inject_nonfinite(2)
   _, _, _, state, step = _setup(config)
   batch = _fixed_batch(config)
   state1, m1 = step(state, batch, jax.random.PRNGKey(0))
@@ -154,16 +156,18 @@ import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import synthetic
 from tests.test_train import _fixed_batch
+from unisegdiff_jax import phases
 from unisegdiff_jax import train
+from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
 config = synthetic.get_config('smoke')
 process = train.validate_config(config)
 model = denoiser_lib.build_model(config.model, process.num_stages)
-optimizer = train.make_optimizer(config)
-mesh = train.create_mesh()
+optimizer = train_state.make_optimizer(config)
+mesh = phases.create_mesh()
 rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-state = jax.jit(lambda r: train.create_train_state(model, config, optimizer, r), out_shardings=rep)(jax.random.PRNGKey(0))
-step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer, process=process, config=config),
+state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r), out_shardings=rep)(jax.random.PRNGKey(0))
+step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process, config=config),
                in_shardings=(rep, data, rep), out_shardings=(rep, rep))
 batch = jax.device_put(_fixed_batch(config), data)
 losses = []

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = 'val_dice'
@@ -29,8 +29,11 @@ def _best_metric(metrics: dict) -> float:
   return float(metrics.get(BEST_METRIC, float('-inf')))
 
 
-def create_manager(directory: str, *, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
-  directory = os.path.abspath(directory)
+def create_manager(directory: str, *, keep: int = 2, async_save: bool = True,
+                   state_handler: ocp.CheckpointHandler | None = None) -> ocp.CheckpointManager:
+  """A manager of `directory` (a local path or gs:// URL); `state_handler` replaces the standard handler of
+  the `state` item (inference reads part of it with a PyTreeCheckpointHandler)."""
+  directory = str(epath.Path(directory).absolute()) if '://' not in directory else directory
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
@@ -42,7 +45,7 @@ def create_manager(directory: str, *, keep: int = 2, async_save: bool = True) ->
       enable_async_checkpointing=async_save)
   # Handlers named up front: a fresh manager (a restart) can then read the stored shapes (item_metadata)
   # that `restore` checks before it restores.
-  handlers = {'state': ocp.StandardCheckpointHandler(), 'data_iter': ocp.JsonCheckpointHandler()}
+  handlers = {'state': state_handler or ocp.StandardCheckpointHandler(), 'data_iter': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -92,7 +95,7 @@ def _is_disk_full(err: BaseException) -> bool:
 def _complete_steps(directory: str) -> list[int]:
   """Steps on disk that orbax finished (renamed from their temporary directory)."""
   try:
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    return sorted(int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit())
   except OSError:
     return []
 
@@ -126,11 +129,15 @@ def flatten_with_names(tree: Any) -> dict[str, Any]:
   return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _shape_mismatches(expected: Any, stored: Any) -> list[str]:
-  """Parameter paths whose stored shape differs from the expected one (or are missing / unexpected)."""
+def _shape_mismatches(expected: Any, stored: Any, partial: bool = False) -> list[str]:
+  """Parameter paths whose stored shape differs from the expected one (or are missing / unexpected);
+  `partial`: only the stored subtrees that `expected` names at its top level are compared."""
   problems = []
   flat_expected = flatten_with_names(expected)
   flat_stored = flatten_with_names(stored)
+  if partial:
+    tops = {key.split('/', 1)[0] for key in flat_expected}
+    flat_stored = {k: v for k, v in flat_stored.items() if k.split('/', 1)[0] in tops}
   for key, value in flat_expected.items():
     if key not in flat_stored:
       problems.append(f'{key} missing')
@@ -146,19 +153,25 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, w
   A checkpoint written by an incompatible config raises CheckpointError naming the first mismatched
   parameter paths.
   """
-  stored = manager.item_metadata(step)
-  stored_state = stored['state'] if stored is not None and 'state' in stored else None
-  if stored_state is not None:
-    problems = _shape_mismatches(abstract_state, stored_state)
-    if problems:
-      shown = '; '.join(problems[:3]) + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '')
-      raise CheckpointError(f'checkpoint {manager.directory}/{step} does not fit this config: {shown}')
+  check_shapes(manager, step, abstract_state)
   items = {'state': ocp.args.StandardRestore(abstract_state)}
-  has_iter = with_data_iter and os.path.isdir(os.path.join(str(manager.directory), str(step), 'data_iter'))
+  has_iter = with_data_iter and (epath.Path(manager.directory) / str(step) / 'data_iter').is_dir()
   if has_iter:
     items['data_iter'] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored['state'], (restored['data_iter'] if has_iter else None)
+
+
+def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, partial: bool = False) -> None:
+  """CheckpointError naming the first parameter paths whose stored shape does not fit `abstract_state`."""
+  stored = manager.item_metadata(step)
+  stored_state = stored['state'] if stored is not None and 'state' in stored else None
+  if stored_state is None:
+    return
+  problems = _shape_mismatches(abstract_state, getattr(stored_state, 'tree', stored_state), partial)
+  if problems:
+    shown = '; '.join(problems[:3]) + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '')
+    raise CheckpointError(f'checkpoint {manager.directory}/{step} does not fit this config: {shown}')
 
 
 def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
@@ -175,27 +188,9 @@ def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
 
 def log_half_written(directory: str) -> None:
   """Warns about orbax temporary directories (a save interrupted by a crash); they are ignored."""
-  if not os.path.isdir(directory):
+  path = epath.Path(directory)
+  if not path.is_dir():
     return
-  for name in sorted(os.listdir(directory)):
-    if '.orbax-checkpoint-tmp' in name:
-      logging.warning('ignoring the half-written checkpoint %s (a save was interrupted)',
-                      os.path.join(directory, name))
-
-
-def restore_for_inference(ckpt_dir: str, abstract_state: Any, *, keep: int = 2,
-                          checkpoint_step: Optional[int] = None) -> tuple[Any, int]:
-  """(state, step) of the checkpoint `checkpoint_step`, or of the best by validation Dice when None."""
-  if not os.path.isdir(ckpt_dir):  # checked first: the orbax manager would create the directory
-    raise CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
-  manager = create_manager(ckpt_dir, keep=keep)
-  try:
-    step = checkpoint_step if checkpoint_step is not None else best_step(manager)
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {ckpt_dir}: train first (--mode=train)')
-    if step not in manager.all_steps():
-      raise CheckpointError(f'no checkpoint step {step} in {ckpt_dir} (kept steps: {list(manager.all_steps())})')
-    state, _ = restore(manager, step, abstract_state, with_data_iter=False)
-  finally:
-    manager.close()
-  return state, int(step)
+  for entry in sorted(path.iterdir()):
+    if '.orbax-checkpoint-tmp' in entry.name:
+      logging.warning('ignoring the half-written checkpoint %s (a save was interrupted)', entry)

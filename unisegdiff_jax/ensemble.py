@@ -216,31 +216,3 @@ def fuse_batch(members: np.ndarray, fusion: str = 'mean', threshold: float = 0.5
   """members [K, B, ...] -> one `Fused` per image (STAPLE runs per image)."""
   m = np.asarray(members)
   return [fuse(m[:, b], fusion, threshold) for b in range(m.shape[1])]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Drop-in segment functions for evaluation.
-
-
-def make_segment_fn(model, process: diffusion.StagedDiffusion, settings: Settings
-                    ) -> tuple[Callable, Callable, int]:
-  """(segment, members, nfe per image) for `settings`.
-
-  members: the jitted (params, images, keys [B, 2]) -> [K, B, S, S, 1] member probabilities.
-  segment: (params, images, keys) -> fused probability [B, S, S, 1] (numpy), the signature
-           `evaluate.evaluate` expects; threshold it with `mask_threshold(settings.fusion, ...)`.
-  nfe: denoiser evaluations per image, all members together (steps * K).
-  """
-  timesteps = sampling.timesteps_for(process, settings.sampler, settings.num_steps)
-  members = jax.jit(make_members_fn(model, process, timesteps, ensemble_size=settings.ensemble_size,
-                                    stochastic=settings.stochastic))
-
-  def segment(params, images, keys):
-    m = np.asarray(jax.block_until_ready(members(params, images, keys)))
-    if settings.fusion == 'staple' and settings.ensemble_size > 1:
-      prob = np.stack([fuse(m[:, b], 'staple', settings.threshold).prob for b in range(m.shape[1])])
-    else:
-      prob = fuse(m, settings.fusion, settings.threshold).prob
-    return prob
-
-  return segment, members, len(timesteps) * settings.ensemble_size

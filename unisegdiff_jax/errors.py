@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from unisegdiff_jax import checkpointing, diffusion, image_io, packs, train, weights  # pylint: disable=g-import-not-at-top
-  found = [packs.PackError, diffusion.StageTableError, train.ConfigError, train.NonFiniteError,
+  from unisegdiff_jax import checkpointing, config_checks, diffusion, image_io, packs, train_state, weights  # pylint: disable=g-import-not-at-top
+  found = [packs.PackError, diffusion.StageTableError, config_checks.ConfigError, train_state.NonFiniteError,
            checkpointing.CheckpointError, image_io.ImageReadError, weights.WeightLoadError]
   try:
     import data_prep  # pylint: disable=g-import-not-at-top  (needs TFDS; packs work without it)

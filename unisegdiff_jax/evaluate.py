@@ -9,11 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -26,39 +24,6 @@ from unisegdiff_jax import metrics as metrics_lib
 def resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
   """float [S, S] in [0, 1] -> float [height, width] (bilinear), the native resolution of the image."""
   return np.asarray(Image.fromarray(prob.astype(np.float32), mode='F').resize((width, height), Image.BILINEAR))
-
-
-_WARMED: set = set()  # (segment function, batch size, image size) already compiled and run once
-
-
-def predict_probabilities(segment: Callable, params, cases: Sequence[input_pipeline.EvalCase],
-                          config: ml_collections.ConfigDict, rng: jax.Array, *, batch_sharding=None
-                          ) -> tuple[list[np.ndarray], float]:
-  """Native-resolution foreground probabilities for `cases`, and the sampling seconds per image.
-
-  Batches are padded to `config.sampling.batch_size` so one compiled program serves every batch; each case
-  samples with its own key (`ensemble.case_keys`), so its result does not depend on its batch.
-  """
-  size = config.data.image_size
-  batch_size = config.sampling.batch_size
-  out, seconds = [], 0.0
-  if (segment, batch_size, size) not in _WARMED:  # compile (and first-run allocations) outside the timing, once
-    warm_up = jnp.zeros((batch_size, size, size, 3), jnp.float32)
-    warm_up = warm_up if batch_sharding is None else jax.device_put(warm_up, batch_sharding)
-    jax.block_until_ready(segment(params, warm_up, ensemble.case_keys(rng, [], batch_size)))
-    _WARMED.add((segment, batch_size, size))
-  for chunk in input_pipeline.batched(list(cases), batch_size):
-    images = np.zeros((batch_size, size, size, 3), np.float32)
-    for i, case in enumerate(chunk):
-      images[i] = input_pipeline.resize_image(case.image, size)
-    images = jnp.asarray(images) if batch_sharding is None else jax.device_put(images, batch_sharding)
-    start = time.perf_counter()
-    keys = ensemble.case_keys(rng, [f'{c.dataset}/{c.case_id}' for c in chunk], batch_size)
-    prob = np.asarray(jax.block_until_ready(segment(params, images, keys)))
-    seconds += time.perf_counter() - start
-    for i, case in enumerate(chunk):
-      out.append(resize_probability(prob[i, ..., 0], *case.mask.shape))
-  return out, seconds / max(len(cases), 1)
 
 
 def score_cases(cases: Sequence[input_pipeline.EvalCase], probabilities: Sequence[np.ndarray],
@@ -132,23 +97,21 @@ def write_overlay_grid(path: str, cases: Sequence[input_pipeline.EvalCase],
   grid.save(path)
 
 
-def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split: str, out_dir: str | None,
-             *, step: int, nfe: int, sampler: str, rng: jax.Array, max_examples: int = 0,
-             batch_sharding=None, extra: dict | None = None, ensemble_size: int = 1,
-             threshold: float | None = None) -> dict:
-  """Evaluates `segment` on `split` of every configured dataset; writes files when out_dir is given.
+def evaluate(engine, params, config: ml_collections.ConfigDict, split: str, out_dir: str | None, *, step: int,
+             nfe: int, rng: jax.Array, max_examples: int = 0, extra: dict | None = None) -> dict:
+  """Evaluates `engine` (an `inference.Engine`: sampler, ensemble, fusion, threshold) with `params` on `split`
+  of every configured dataset; process 0 writes the files when out_dir is given.
 
-  `extra` fields are added to the summary (e.g. the pre-trained segmenter's block). `threshold` turns the
-  (fused) probability into the mask (default config.sampling.threshold; ensemble.mask_threshold for vote /
-  staple fusion); `ensemble_size` is recorded in the summary.
+  `extra` fields are added to the summary (e.g. the pre-trained segmenter's block).
   """
-  threshold = config.sampling.threshold if threshold is None else threshold
+  settings = engine.settings
+  threshold = ensemble.mask_threshold(settings.fusion, settings.threshold)
   cases_by_dataset = input_pipeline.eval_cases(config, split, max_examples)
   rows_by_dataset, all_rows, overlay_cases, overlay_probs = {}, [], [], []
   seconds_total, count = 0.0, 0
   per_dataset_overlays = max(1, config.train.num_overlay_cases // max(len(cases_by_dataset), 1))
   for name, cases in cases_by_dataset.items():
-    probs, seconds = predict_probabilities(segment, params, cases, config, rng, batch_sharding=batch_sharding)
+    probs, seconds = engine.segment_cases(params, cases, rng)
     rows = score_cases(cases, probs, threshold)
     rows_by_dataset[name] = rows
     all_rows.extend(rows)
@@ -158,9 +121,9 @@ def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split
     overlay_probs.extend(probs[:per_dataset_overlays])
   summary = summarise(rows_by_dataset)
   summary.update({
-      'split': split, 'sampler': sampler, 'nfe_per_image': int(nfe), 'ensemble_size': int(ensemble_size),
-      'seconds_per_image': seconds_total / max(count, 1), 'checkpoint_step': int(step),
-      'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
+      'split': split, 'sampler': settings.sampler, 'nfe_per_image': int(nfe),
+      'ensemble_size': int(settings.ensemble_size), 'seconds_per_image': seconds_total / max(count, 1),
+      'checkpoint_step': int(step), 'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
   })
   summary.update(extra or {})
   if out_dir is not None and jax.process_index() == 0:
@@ -168,6 +131,5 @@ def evaluate(segment: Callable, params, config: ml_collections.ConfigDict, split
     with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
     write_per_case_csv(os.path.join(out_dir, 'per_case.csv'), all_rows)
-    write_overlay_grid(os.path.join(out_dir, 'overlays.png'), overlay_cases, overlay_probs,
-                       threshold)
+    write_overlay_grid(os.path.join(out_dir, 'overlays.png'), overlay_cases, overlay_probs, threshold)
   return summary

@@ -143,19 +143,23 @@ class TrainTransform(grain.transforms.RandomMap):
     }
 
 
-def mixed_dataset(sources: Sequence[Any], weights: Sequence[float], seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
-  """This process's shard of every source, each shuffled and repeated forever, mixed by `weights`."""
+def mixed_dataset(sources: Sequence[Any], weights: Sequence[float], seed: int) -> grain.MapDataset:
+  """Every source shuffled and repeated forever, mixed by `weights` (the global example stream)."""
   per_dataset = []
   for index, source in enumerate(sources):
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)
     per_dataset.append(ds.shuffle(seed=seed + 1000 * index).repeat())
   return per_dataset[0] if len(per_dataset) == 1 else grain.MapDataset.mix(per_dataset, list(weights))
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                           process_count: int | None = None) -> grain.DatasetIterator:
-  """An infinite, checkpointable iterator of per-process training batches (datasets mixed by weight)."""
+  """An infinite, checkpointable iterator of this process's rows of the global training batches.
+
+  The global stream (mix, shuffle, augmentation seeded per example) does not depend on the process count;
+  process p reads, decodes and augments only rows [p*b, (p+1)*b) of each global batch (b = batch / count),
+  so 1 and N processes train on the same global batches.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   data = config.data
@@ -167,10 +171,11 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, process_index: i
   for name in dataset_names(data):
     source = load_source(name, data.train_split, data)
     sources.append(ResizedSource(source, data.image_size) if data.cache_resized else source)
-  ds = mixed_dataset(sources, mixture_weights(data), config.seed, process_index, process_count)
+  ds = mixed_dataset(sources, mixture_weights(data), config.seed)
   ds = ds.random_map(TrainTransform(data.image_size, data.augment, data.max_rotation_degrees),
                      seed=config.seed)
-  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  # Local batch j of process p is global batch j's rows for p; only those examples are ever materialised.
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if data.worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
@@ -188,13 +193,14 @@ class EvalCase:
 
 def eval_cases(config: ml_collections.ConfigDict, split: str, max_examples: int = 0
                ) -> dict[str, list[EvalCase]]:
-  """Evaluation cases per dataset (this process's shard), in a fixed order."""
+  """Evaluation cases per dataset, in a fixed order; every process loads all of them (the inference engine
+  feeds each process's rows of every batch and gathers the results on all processes)."""
   out = {}
   for name in dataset_names(config.data):
     source = load_source(name, split, config.data)
     count = len(source) if not max_examples else min(max_examples, len(source))
     cases = []
-    for i in range(jax.process_index(), count, jax.process_count()):
+    for i in range(count):
       record = source[i]
       cases.append(EvalCase(
           dataset=display_name(name), case_id=_text(record['case_id']),

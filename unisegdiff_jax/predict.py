@@ -20,7 +20,6 @@ Dice unless --checkpoint_step picks another; sampler and ensemble come from conf
 
 from __future__ import annotations
 
-import copy
 import csv
 import os
 import sys
@@ -31,14 +30,14 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unisegdiff_jax import checkpointing
+from unisegdiff_jax import config_checks
 from unisegdiff_jax import ensemble
 from unisegdiff_jax import evaluate as evaluate_lib
 from unisegdiff_jax import image_io
+from unisegdiff_jax import inference
 from unisegdiff_jax import input_pipeline
-from unisegdiff_jax import train
+from unisegdiff_jax import phases
 
 OUTPUT_SUFFIXES = ('_mask.png', '_prob.png', '_uncertainty.png', '_overlay.png')
 CSV_NAME = 'predictions.csv'
@@ -46,39 +45,18 @@ CSV_FIELDS = ('name', 'height', 'width', 'lesion_area_fraction', 'mean_uncertain
 
 
 def validate(config: ml_collections.ConfigDict):
-  """`train.validate_config` (which does not know the ddpm sampler yet) plus the ensemble settings.
-
-  Returns (process, settings).
-  """
-  checked = config
-  if config.sampling.sampler == 'ddpm':
-    checked = copy.deepcopy(config)
-    checked.sampling.sampler = 'staged'
-  process = train.validate_config(checked)
-  try:
-    return process, ensemble.settings_from_config(config)
-  except ensemble.EnsembleConfigError as err:
-    raise train.ConfigError(str(err)) from None
+  """(process, settings): the config checks plus the sampler / ensemble settings."""
+  return config_checks.validate_config(config), config_checks.sampling_settings(config)
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, checkpoint_step: int | None,
-                   process) -> tuple[object, object, int]:
-  """(model, EMA params, step) of a diffusion checkpoint in `workdir` (best by validation Dice by default).
-
-  Mirrors `train.evaluate_checkpoint`: the model and optimiser come from `train.diffusion_parts` (so a
-  frozen or fine-tuned pre-trained encoder gives the same state structure as training), restored onto a
-  replicated sharding.
-  """
-  replicated = NamedSharding(train.create_mesh(), P())
-  model, optimizer, _ = train.diffusion_parts(config, process)
-  abstract_state = jax.eval_shape(
-      lambda: train.create_train_state(model, config, optimizer, jax.random.PRNGKey(config.seed)))
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-  state, step = checkpointing.restore_for_inference(
-      os.path.join(workdir, 'checkpoints'), abstract_state, keep=config.train.keep_checkpoints,
-      checkpoint_step=checkpoint_step)
-  return model, state.ema_params, int(step)
+def restore_params(config: ml_collections.ConfigDict, workdir: str, checkpoint_step: int | None, process
+                   ) -> tuple[object, object, int]:
+  """(model, EMA params, step) of the diffusion checkpoint in `workdir` (best by validation Dice by default);
+  only the EMA parameters are read, onto a replicated sharding."""
+  runtime = phases.make_runtime(config)
+  phase = phases.diffusion_phase(config, workdir, runtime, process)
+  params, step = phase.restore_ema(config, runtime, checkpoint_step)
+  return phases.diffusion_parts(config, process)[0], params, int(step)
 
 
 def list_inputs(input_path: str, output_dir: str | None = None) -> list[str]:
@@ -156,23 +134,23 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, input_path: str
   paths = list_inputs(input_path, output_dir)
   names = output_names(paths)
   model, params, step = restore_params(config, workdir, checkpoint_step, process)
-  _, members_fn, nfe = ensemble.make_segment_fn(model, process, settings)
+  members_fn, nfe = phases.diffusion_members(model, process, settings)
+  engine = inference.Engine(members_fn, settings, image_size=config.data.image_size,
+                            batch_size=config.sampling.batch_size)
+  writes = jax.process_index() == 0  # every process samples its rows; process 0 writes the files
   try:
-    os.makedirs(output_dir, exist_ok=True)
+    if writes:
+      os.makedirs(output_dir, exist_ok=True)
   except OSError as err:
-    raise train.ConfigError(f'--output={output_dir} cannot be created: {err.strerror or err}') from None
-
+    raise config_checks.ConfigError(f'--output={output_dir} cannot be created: {err.strerror or err}') from None
   size = config.data.image_size
-  batch_size = config.sampling.batch_size
-  batch_sharding = NamedSharding(train.create_mesh(), P('data'))
   rng = jax.random.PRNGKey(config.seed)
-  empty = jax.device_put(np.zeros((batch_size, size, size, 3), np.float32), batch_sharding)
-  compiled = members_fn.lower(params, empty, ensemble.case_keys(rng, [], batch_size)).compile()  # untimed
+  engine.compile(params, rng)  # untimed
 
   rows, failed = [], 0
-  bar = tqdm.tqdm(total=len(paths), unit='image', file=stderr, disable=not progress or len(paths) < 2,
+  bar = tqdm.tqdm(total=len(paths), unit='image', file=stderr, disable=not progress or len(paths) < 2 or not writes,
                   dynamic_ncols=True)
-  for chunk in input_pipeline.batched(list(zip(paths, names)), batch_size):
+  for chunk in input_pipeline.batched(list(zip(paths, names)), config.sampling.batch_size):
     start = time.perf_counter()
     loaded = []
     for path, name in chunk:
@@ -184,16 +162,13 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, input_path: str
         bar.update(1)
     if not loaded:
       continue
-    images = np.zeros((batch_size, size, size, 3), np.float32)
-    for i, (_, _, image) in enumerate(loaded):
-      images[i] = input_pipeline.resize_image(image, size)
-    keys = ensemble.case_keys(rng, [name for _, name, _ in loaded], batch_size)  # per image, from its name
-    members = np.asarray(compiled(params, jax.device_put(images, batch_sharding), keys))
+    images = np.stack([input_pipeline.resize_image(image, size) for _, _, image in loaded])
+    output = engine.run(params, images, [name for _, name, _ in loaded], rng)  # noise per image, from its name
     shared = (time.perf_counter() - start) / len(loaded)
-    for i, (path, name, image) in enumerate(loaded):
+    for i, (path, name, image) in enumerate(loaded if writes else ()):
       begin = time.perf_counter()
       try:
-        fused = ensemble.fuse(members[:, i], settings.fusion, settings.threshold)
+        fused = output.fused(i, settings)
         row = write_outputs(output_dir, name, image, fused, settings.fusion, settings.threshold)
       except OSError as err:
         failed += 1
@@ -203,6 +178,8 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, input_path: str
         rows.append(row)
       bar.update(1)
   bar.close()
+  if not writes:
+    return 1 if failed else 0
   write_csv(os.path.join(output_dir, CSV_NAME), rows)
   print(f'Wrote {len(rows)} prediction(s) to {output_dir} (checkpoint step {step}, {settings.label}, '
         f'ensemble {settings.ensemble_size}/{settings.fusion}, {nfe} NFE/image)'

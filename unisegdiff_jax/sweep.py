@@ -18,20 +18,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import time
 from typing import Sequence
 
 import jax
 import ml_collections
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from unisegdiff_jax import config_checks
 from unisegdiff_jax import ensemble
 from unisegdiff_jax import evaluate as evaluate_lib
+from unisegdiff_jax import inference
 from unisegdiff_jax import input_pipeline
+from unisegdiff_jax import phases
 from unisegdiff_jax import predict
 from unisegdiff_jax import sampling
-from unisegdiff_jax import train
 
 DEFAULT_SPEC = 'staged,ddim:5,ddim:10,ddim:25,ddim:100,ddpm:50'
 CSV_FIELDS = ('sampler', 'steps', 'ensemble_size', 'fusion', 'nfe_per_image', 'dice', 'iou', 'hd95', 'ece',
@@ -44,22 +43,22 @@ def parse_spec(spec: str) -> list[tuple[str, int | None]]:
   for token in [t.strip() for t in (spec or '').split(',') if t.strip()]:
     name, colon, steps = token.partition(':')
     if name not in sampling.SAMPLERS:
-      raise train.ConfigError(f"--sweep: unknown sampler '{name}' in '{token}': use "
+      raise config_checks.ConfigError(f"--sweep: unknown sampler '{name}' in '{token}': use "
                               f"{', '.join(sampling.SAMPLERS)} (ddim:N, ddpm:N)")
     if name == 'staged':
       if colon:
-        raise train.ConfigError(f"--sweep: '{token}': the staged budget comes from the stage table; write 'staged'")
+        raise config_checks.ConfigError(f"--sweep: '{token}': the staged budget comes from the stage table; write 'staged'")
       out.append((name, None))
       continue
     try:
       count = int(steps)
     except ValueError:
-      raise train.ConfigError(f"--sweep: '{token}' needs a step count, e.g. {name}:10") from None
+      raise config_checks.ConfigError(f"--sweep: '{token}' needs a step count, e.g. {name}:10") from None
     if count < 1:
-      raise train.ConfigError(f"--sweep: '{token}': the step count must be >= 1")
+      raise config_checks.ConfigError(f"--sweep: '{token}': the step count must be >= 1")
     out.append((name, count))
   if not out:
-    raise train.ConfigError('--sweep is empty: e.g. --sweep=staged,ddim:10,ddpm:50')
+    raise config_checks.ConfigError('--sweep is empty: e.g. --sweep=staged,ddim:10,ddpm:50')
   return out
 
 
@@ -70,36 +69,10 @@ def parse_sizes(text: str | Sequence[int] | None) -> list[int]:
   try:
     sizes = [int(v) for v in values if str(v).strip()]
   except ValueError:
-    raise train.ConfigError(f'--ensemble_sizes={text!r}: use comma-separated integers, e.g. 1,3,5') from None
+    raise config_checks.ConfigError(f'--ensemble_sizes={text!r}: use comma-separated integers, e.g. 1,3,5') from None
   if not sizes or min(sizes) < 1:
-    raise train.ConfigError(f'--ensemble_sizes={text!r}: sizes must be >= 1')
+    raise config_checks.ConfigError(f'--ensemble_sizes={text!r}: sizes must be >= 1')
   return sizes
-
-
-def predict_fused(members_fn, params, cases: Sequence[input_pipeline.EvalCase], settings: ensemble.Settings,
-                  config: ml_collections.ConfigDict, rng: jax.Array, batch_sharding
-                  ) -> tuple[list[np.ndarray], float]:
-  """Native-resolution fused probabilities and seconds per image (sampling + fusion, compile excluded)."""
-  size = config.data.image_size
-  batch_size = config.sampling.batch_size
-  zeros = jax.device_put(np.zeros((batch_size, size, size, 3), np.float32), batch_sharding)
-  no_keys = ensemble.case_keys(rng, [], batch_size)
-  compiled = members_fn.lower(params, zeros, no_keys).compile()
-  jax.block_until_ready(compiled(params, zeros, no_keys))  # one untimed run: first-run allocations
-  out, seconds = [], 0.0
-  for chunk in input_pipeline.batched(list(cases), batch_size):
-    images = np.zeros((batch_size, size, size, 3), np.float32)
-    for i, case in enumerate(chunk):
-      images[i] = input_pipeline.resize_image(case.image, size)
-    images = jax.device_put(images, batch_sharding)
-    start = time.perf_counter()
-    keys = ensemble.case_keys(rng, [f'{c.dataset}/{c.case_id}' for c in chunk], batch_size)
-    members = np.asarray(jax.block_until_ready(compiled(params, images, keys)))
-    probs = [ensemble.fuse(members[:, i], settings.fusion, settings.threshold).prob for i in range(len(chunk))]
-    seconds += time.perf_counter() - start
-    for case, prob in zip(chunk, probs):
-      out.append(evaluate_lib.resize_probability(prob[..., 0], *case.mask.shape))
-  return out, seconds / max(len(cases), 1)
 
 
 def _fmt(value, digits=4):
@@ -167,23 +140,24 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, spec: str = DE
   for sampler, steps in parse_spec(spec):
     for k in parse_sizes(ensemble_sizes):
       try:
-        settings_list.append(ensemble.settings_from_config(config, sampler=sampler, num_steps=steps,
-                                                           ensemble_size=k, fusion=fusion or base.fusion))
-      except ensemble.EnsembleConfigError as err:
-        raise train.ConfigError(f'--sweep: {err}') from None
+        settings_list.append(config_checks.sampling_settings(config, sampler=sampler, num_steps=steps,
+                                                             ensemble_size=k, fusion=fusion or base.fusion))
+      except config_checks.ConfigError as err:
+        raise config_checks.ConfigError(f'--sweep: {err}') from None
   model, params, step = predict.restore_params(config, workdir, checkpoint_step, process)
   split = split or config.data.test_split
   cases_by_dataset = input_pipeline.eval_cases(config, split, config.data.max_eval_examples)
-  batch_sharding = NamedSharding(train.create_mesh(), P('data'))
-  eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[2]  # as train.evaluate_checkpoint
+  eval_rng = phases.make_runtime(config).eval_rng  # as train.evaluate_checkpoint
   out_dir = out_dir or os.path.join(workdir, 'eval', 'sweep')
 
   rows = []
   for settings in settings_list:
-    _, members_fn, nfe = ensemble.make_segment_fn(model, process, settings)
+    members_fn, nfe = phases.diffusion_members(model, process, settings)
+    engine = inference.Engine(members_fn, settings, image_size=config.data.image_size,
+                              batch_size=config.sampling.batch_size)
     rows_by_dataset, seconds_total, count = {}, 0.0, 0
     for name, cases in cases_by_dataset.items():
-      probs, seconds = predict_fused(members_fn, params, cases, settings, config, eval_rng, batch_sharding)
+      probs, seconds = engine.segment_cases(params, cases, eval_rng)
       rows_by_dataset[name] = evaluate_lib.score_cases(
           cases, probs, ensemble.mask_threshold(settings.fusion, settings.threshold))
       seconds_total += seconds * len(cases)
