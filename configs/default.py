@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
   # gradient-free estimate of pure noise instead of the truth (0 = off).
   config.train.recycling = 0.0
   config.train.max_steps_per_run = 0  # > 0: checkpoint and exit 0 after this many steps (resume later)
+  # > 0: a jax.profiler trace of steps [profile_first_step, + profile_num_steps) of each phase into
+  # <workdir>/profile (TensorBoard's profile tab / Perfetto).
+  config.train.profile_first_step = 0
+  config.train.profile_num_steps = 5
   return config
 
 

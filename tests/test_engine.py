@@ -93,3 +93,14 @@ def test_the_loop_reads_from_the_device_only_at_sync_steps(smoke_config, tmp_pat
   assert best == 7 and jax.tree_util.tree_leaves(params)
   assert not {1, 2, 4, 5} & set(reads), reads  # the steps between the sync steps 3, 6 and 7
   assert reads[3] and reads[6] and reads[7], reads  # the counting sees the loop's own reads
+
+
+def test_a_profile_of_the_chosen_steps_is_written(smoke_config, tmp_path):
+  config = rel._config(smoke_config, **{'train.num_steps': 4, 'train.eval_every_steps': 1000,  # pylint: disable=protected-access
+                                        'train.checkpoint_every_steps': 1000, 'train.profile_first_step': 2,
+                                        'train.profile_num_steps': 2})
+  runtime = phases.make_runtime(config, writers.create_writer(str(tmp_path), just_logging=True), str(tmp_path))
+  phase = phases.diffusion_phase(config, str(tmp_path), runtime, train.validate_config(config))
+  train.run_phase(phase, config, runtime)
+  traces = list((tmp_path / 'profile' / 'diffusion').rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0

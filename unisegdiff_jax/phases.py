@@ -38,16 +38,18 @@ class Runtime:
   writer: Any
   step_rng: jax.Array
   eval_rng: jax.Array
+  workdir: str = ''
 
 
 def create_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
-def make_runtime(config: ml_collections.ConfigDict, writer: Any = None) -> Runtime:
+def make_runtime(config: ml_collections.ConfigDict, writer: Any = None, workdir: str = '') -> Runtime:
   mesh = create_mesh()
   _, step_rng, eval_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  return Runtime(mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data')), writer, step_rng, eval_rng)
+  return Runtime(mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data')), writer, step_rng, eval_rng,
+                 workdir)
 
 
 @dataclasses.dataclass

@@ -124,12 +124,22 @@ def run_phase(phase: phases.Phase, config: ml_collections.ConfigDict, runtime: p
               if jax.process_index() == 0 and step < phase.num_steps else None)
   stopped, train_metrics, pending = None, [], []
   run_limit = config.train.max_steps_per_run
+  first_traced = config.train.profile_first_step
+  last_traced, tracing = first_traced + config.train.profile_num_steps - 1, None
   with _StopRequest() as stop:
     while step < phase.num_steps:
       batch = {k: jax.make_array_from_process_local_data(runtime.batch_sharding, np.asarray(v))
                for k, v in next(train_iter).items()}
+      if first_traced > 0 and step + 1 == first_traced:
+        tracing = jax.profiler.trace(os.path.join(runtime.workdir, 'profile', phase.name))
+        tracing.__enter__()  # pylint: disable=unnecessary-dunder-call
       state, metrics = phase.step_fn(state, batch, runtime.step_rng)
       step += 1
+      if tracing and (step == last_traced or step == phase.num_steps):
+        with allow():
+          jax.block_until_ready(state)  # a sync: the trace covers the device work of the traced steps
+        tracing.__exit__(None, None, None)
+        tracing = None
       pending.append(metrics)  # device arrays: the host does not wait for this step here
       if progress:
         progress(step)
@@ -160,6 +170,8 @@ def run_phase(phase: phases.Phase, config: ml_collections.ConfigDict, runtime: p
       if stopping:
         stopped = stopping
         break
+  if tracing:  # stopped inside the traced steps
+    tracing.__exit__(None, None, None)
   writer.flush()
   checkpointing.wait_until_finished(manager)  # a failed async save: CheckpointError, one line
   if stopped:
@@ -214,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, pretr
   if pretrain_only and not config.pretrain.enabled:
     raise ConfigError('--mode=pretrain with config.pretrain.enabled=False: there is no phase 0 to train')
   workdir = str(config_checks.check_workdir(workdir))
-  runtime = phases.make_runtime(config, writers.create_writer(workdir, just_logging=jax.process_index() > 0))
+  runtime = phases.make_runtime(config, writers.create_writer(workdir, just_logging=jax.process_index() > 0),
+                                workdir)
   logging.info('stage table: %s', process.describe())
   split = config.data.test_split
 
