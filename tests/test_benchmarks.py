@@ -1,13 +1,15 @@
-"""benchmarks.run on the smoke config: one JSON line per measurement, mirrored to --out. No timing asserts."""
+"""benchmarks/device.sh (the accelerator check) run here on CPU at a tiny size, from a JPEG pack and without
+TFDS in the loop: benchmarks.run's JSON lines (mirrored to --out) and the short run's test summary. No timing
+asserts."""
 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import ROOT
+from unisegdiff_jax import packs
 
 EXPECTED = {'train/compile_s', 'train/first_call_s', 'train/step_s', 'train/images_per_s', 'train/flops_per_step',
             'train/data_wait_fraction', 'inference/s_per_nfe', 'inference/s_per_image'}
@@ -15,18 +17,26 @@ EXPECTED = {'train/compile_s', 'train/first_call_s', 'train/step_s', 'train/imag
 
 @pytest.fixture(scope='module')
 def bench(tiny_data_dir, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('bench') / 'bench.jsonl')
-  done = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.run', '--config=configs/synthetic.py:smoke',
-       f'--config.data.data_dir={tiny_data_dir}', '--only=train,inference', '--steps=3', f'--out={out}'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-4000:]
+  root = tmp_path_factory.mktemp('bench')
+  assert packs.main(['--datasets=synthetic_lesions/tiny', '--image_size=32', '--image_format=jpeg',
+                     f'--out={root / "packs"}', f'--data_dir={tiny_data_dir}']) == 0
+  out = root / 'out'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', OUT=str(out), CONFIG='configs/synthetic.py:smoke',
+             PACKS=str(root / 'packs'), DTYPES='float32', BENCH_ONLY='train,inference', BENCH_STEPS='3',
+             PRE_STEPS='2', TRAIN_STEPS='4')
+  done = subprocess.run(['bash', 'benchmarks/device.sh'], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert done.returncode == 0, done.stdout[-4000:]
   return done.stdout.splitlines(), out
 
 
+def _records(bench):
+  with open(bench[1] / 'bench_float32.jsonl') as f:
+    return [json.loads(line) for line in f.read().splitlines()]
+
+
 def test_every_line_is_a_measurement(bench):
-  lines, _ = bench
-  records = [json.loads(line) for line in lines]
+  records = _records(bench)
   assert records
   for record in records:
     assert {'name', 'value', 'unit', 'device', 'config', 'num_devices', 'dtype'} <= set(record), record
@@ -37,15 +47,23 @@ def test_every_line_is_a_measurement(bench):
   assert names.count('inference/s_per_nfe') == 2 and names.count('inference/s_per_image') == 3
 
 
-def test_out_file_has_the_same_lines(bench):
-  lines, out = bench
-  with open(out) as f:
-    assert f.read().splitlines() == lines
+def test_out_file_has_the_printed_lines(bench):
+  printed = [line for line in bench[0] if line.startswith('{"name"')]
+  with open(bench[1] / 'bench_float32.jsonl') as f:
+    assert f.read().splitlines() == printed
 
 
 def test_values_are_sane(bench):
-  records = {r['name']: r for r in map(json.loads, bench[0])}
+  records = {r['name']: r for r in _records(bench)}
   assert records['train/step_s']['value'] > 0
   flops = records['train/flops_per_step']['value']
   assert flops is None or flops > 0
   assert 0.0 <= records['train/data_wait_fraction']['value'] <= 1.0
+
+
+def test_the_short_run_trained_and_evaluated_from_the_pack(bench):
+  with open(bench[1] / 'kvasir256_summary.json') as f:
+    summary = json.load(f)
+  assert summary['checkpoint_step'] == 4 and 0.0 <= summary['mean']['dice'] <= 1.0
+  assert list(summary['datasets']) == ['synthetic_lesions']
+  assert 'hardware: ' in (bench[1] / 'log.txt').read_text()
