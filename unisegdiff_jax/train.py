@@ -5,9 +5,10 @@
 evaluates the best checkpoint's EMA weights on the test split. The state and step live in `train_state`,
 the phases in `phases`, inference in `inference` and config checks in `config_checks`.
 
-The host waits for the device only at sync steps (log, validation, checkpoint, stop); these are the only
-places the loop allows device-to-host transfers, so a run under
-`jax.config.update('jax_transfer_guard_device_to_host', 'disallow')` fails on any other.
+The host waits for the device only at sync steps (log, validation, checkpoint, stop). They are the only
+blocks that allow device-to-host transfers, so on an accelerator a run under
+`jax.config.update('jax_transfer_guard_device_to_host', 'disallow')` fails on any other (CPU backends do not
+enforce transfer guards; tests/test_engine.py counts the reads per step instead).
 """
 
 from __future__ import annotations
