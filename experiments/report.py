@@ -448,9 +448,31 @@ class Report:
         lines += [self.link(path, f'budget {dataset}'), '']
     return lines
 
+  def organs(self, sweep) -> list[str]:
+    """Per dataset: its own segmenter and diffusion model beside the unified run's (segmenter = the unified
+    run's phase 0), with IoU, HD95 and the miss rate the paired table leaves out."""
+    unified_arms = [arm for _, arm in sweep.arms if arm != sweep.reference]
+    models = [('per-organ segmenter', SEGMENTER, False), ('per-organ diffusion', sweep.reference, False),
+              ('unified segmenter', SEGMENTER, True)] + [(f'unified diffusion ({a})', a, True) for a in unified_arms]
+    lines = ['### Per organ and unified, side by side', '',
+             '| dataset | model | seeds | n | Dice % | IoU % | HD95 px | miss % |', '|---|---|---:|---:|---:|---:|---:|---:|']
+    for dataset in [d for d in sweep.datasets if d not in NOT_REAL]:
+      for label, arm, from_unified in models:
+        path = os.path.join(self.results, 'unified' if from_unified else dataset, arm)
+        runs = {s: read_run(d, s, dataset, dataset if from_unified else None) for s, d in seed_dirs(path).items()}
+        runs = {s: r for s, r in runs.items() if r is not None}
+        if not runs:
+          lines.append(f'| {dataset} | {label} | not run | – | – | – | – | – |')
+          continue
+        blocks = [r.block() for r in runs.values()]
+        lines.append(f"| {dataset} | {label} | {', '.join(map(str, runs))} | {len(_seed_mean(runs))} | "
+                     f"{_pct(np.mean([r.dice() for r in runs.values()]))} | {_pct(_mean([b.get('iou') for b in blocks]))} | "
+                     f"{_num(_mean([b.get('hd95') for b in blocks]))} | {_pct(_mean([_miss(r) for r in runs.values()]))} |")
+    return lines + ['', '(means over the seeds listed; the paired comparisons above use only shared seeds)', '']
+
   def unified(self, sweep) -> list[str]:
     labels = self.labels(sweep)
-    lines = ['### Unified vs per-dataset models (paired by dataset and case)', '',
+    lines = self.organs(sweep) + ['### Unified vs per-dataset models (paired by dataset and case)', '',
              '| dataset | arm | Dice % | per-dataset Dice % | diff (points) | 95 % CI | verdict |',
              '|---|---|---:|---:|---:|---|---|']
     for dataset in [d for d in sweep.datasets if d not in NOT_REAL] + [ALL_REAL]:

@@ -98,9 +98,11 @@ SWEEPS = {
                      ('+ mask scale 0.3', 'mask_scale_0.3'), ('anchored (all, fine-tuned)', 'anchored'),
                      ('anchored, x0 only', 'anchored_x0'), ('default config', 'default')),
                     'segmenter', _DECIDE),
+    # The per-dataset model is the default configuration (three stages, frozen pre-trained encoder): the
+    # three_stage arm, which the other sweeps also run.
     'unified': Sweep('unified', 'Does one unified model serve five organs as well as one model per organ?',
-                     (('per-dataset model', 'default'), ('unified, equal steps', 'unified_equal_steps'),
-                      ('unified, equal total compute', 'unified_equal_compute')), 'default',
+                     (('per-dataset model', 'three_stage'), ('unified, equal steps', 'unified_equal_steps'),
+                      ('unified, equal total compute', 'unified_equal_compute')), 'three_stage',
                      UNIFIED_MEMBERS + ('unified',)),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'),), 'segmenter', _DECIDE),

@@ -211,6 +211,12 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
       for dataset, shift in (('kvasir_seg', -0.02), ('busi', 0.01)):
         f.write(''.join(f'{dataset},case{i},64,64,{d + shift:.6f},0.5,5,0.01\n'
                         for i, d in enumerate(base_dice(dataset, seed))))
+    with open(os.path.join(directory, 'summary.json')) as f:  # a unified summary has a block per dataset
+      summary = json.load(f)
+    summary['datasets'] = {d: {**summary['mean'], 'dice': float(np.mean(base_dice(d, seed))) + shift}
+                           for d, shift in (('kvasir_seg', -0.02), ('busi', 0.01))}
+    with open(os.path.join(directory, 'summary.json'), 'w') as f:
+      json.dump(summary, f)
   sweeps = {'unified': Sweep('unified', 'One model?', (('per-dataset model', 'default'),
                                                      ('unified, equal steps', 'unified_equal_steps')),
                              'default', DATASETS + ('unified',))}
@@ -225,3 +231,8 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
   assert row(lines, 'all real sets', 'unified, equal steps')[4] == '-0.5'  # unweighted mean of the two sets
   plain = section(text, '## Plain reading')
   assert any('unified / kvasir_seg' in line and 'unification does NOT help here' in line for line in plain)
+  organs = section(text, '### Per organ and unified, side by side')
+  kvasir_mean = np.mean([base_dice('kvasir_seg', s).mean() for s in range(2)])
+  assert row(organs, 'kvasir_seg', 'per-organ diffusion')[2:5] == ['0, 1', str(CASES), f'{100 * kvasir_mean:.1f}']
+  assert row(organs, 'busi', 'unified diffusion (unified_equal_steps)')[4] == f"{100 * (np.mean([base_dice('busi', s).mean() for s in range(2)]) + 0.01):.1f}"
+  assert row(organs, 'busi', 'per-organ segmenter')[2] == 'not run'

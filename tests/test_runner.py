@@ -91,9 +91,9 @@ def test_scratch_on_the_synthetic_set_adds_phase0_steps_to_the_pinned_phase1_ste
 def test_unified_arms_run_only_on_the_unified_data():
   tasks = run_lib.plan(['unified'], [], [0], '/r', '/res', [])
   keys = {t.key for t in tasks}
-  assert {'kvasir_seg/default/seed0', 'unified/unified_equal_steps/seed0',
+  assert {'kvasir_seg/three_stage/seed0', 'unified/unified_equal_steps/seed0',
           'unified/unified_equal_compute/seed0'} <= keys
-  assert 'unified/default/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
+  assert 'unified/three_stage/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
 
 
 def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
