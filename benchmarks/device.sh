@@ -14,12 +14,12 @@
 #
 # Everything is an environment variable, so the same script runs here on CPU at a tiny size (the test):
 #   CONFIG (configs/polyp.py)  PACKS (devpack/packs256)  DTYPES ("float32 bfloat16")
-#   BENCH_ONLY (train,inference,memory)  BENCH_STEPS (10)  PRE_STEPS (300)  TRAIN_STEPS (600)
+#   BENCH_ONLY (train,inference,flops,memory)  BENCH_STEPS (10)  PRE_STEPS (300)  TRAIN_STEPS (600)
 #   RUN_ARGS (extra --config.* flags for the short run)
 set -u -o pipefail
 OUT=${OUT:-/tmp/device_bench}; PY=${PY:-python3}
 CONFIG=${CONFIG:-configs/polyp.py}; PACKS=${PACKS:-devpack/packs256}; DTYPES=${DTYPES:-float32 bfloat16}
-BENCH_ONLY=${BENCH_ONLY:-train,inference,memory}; BENCH_STEPS=${BENCH_STEPS:-10}
+BENCH_ONLY=${BENCH_ONLY:-train,inference,flops,memory}; BENCH_STEPS=${BENCH_STEPS:-10}
 PRE_STEPS=${PRE_STEPS:-300}; TRAIN_STEPS=${TRAIN_STEPS:-600}; RUN_ARGS=${RUN_ARGS:-}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1

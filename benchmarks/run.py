@@ -1,5 +1,5 @@
 """Benchmarks: `python -m benchmarks.run --config=configs/synthetic.py:smoke [--config.x=y ...] [--out=FILE]
-[--only=train,inference,input,memory,scaling] [--steps=10]`.
+[--only=train,inference,flops,input,memory,scaling] [--steps=10]`.
 
 Prints one JSON line per measurement to stdout (everything else goes to stderr) and appends it to --out:
 {"name", "value", "unit", "config", "device", "num_devices", "dtype", "overrides", ...extra fields}.
@@ -15,6 +15,8 @@ still run and the exit status is 1.
   inference  seconds per network evaluation at batch 1 and config.sampling.batch_size (staged sampler),
              seconds per segmented image for the staged budget, 100-step DDIM and a K=5 staged ensemble
              (compile excluded; one device).
+  flops      per-NFE FLOPs of the denoiser and the share of its per-level 1x1 feature projections (`fuse_*`,
+             which depend only on the image), from XLA's cost analysis of the lowered programs (no compile).
   input      images/s of the training input pipeline alone with 0 and 2 Grain workers.
   memory     peak host RSS and, where the device reports it, peak device memory (run last).
   scaling    seconds per train step on 1, 2, 4, 8 devices at config.train.global_batch_size (an N that does
@@ -45,6 +47,7 @@ import traceback
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
@@ -270,6 +273,31 @@ def bench_inference(config) -> None:
           compile_s=round(engine.compile_seconds, 2))
 
 
+def bench_flops(config) -> None:
+  process = config_checks.validate_config(config, num_devices=1)
+  model = phases.diffusion_parts(config, process)[0]
+  params = jax.eval_shape(lambda: train_state.init_params(model, config, jax.random.PRNGKey(0)))
+  size = config.data.image_size
+  image = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  conditioning = jax.eval_shape(lambda p, i: model.apply(p, i, method=model.encode), params, image)
+  x_t, t = jax.ShapeDtypeStruct((1, size, size, 1), np.float32), jax.ShapeDtypeStruct((1,), np.int32)
+  denoise = jax.jit(lambda p, c, x, t: model.apply(p, c, x, t, t, method=model.denoise))
+  denoiser = params['params']['denoiser']
+
+  def projections(dp, features):  # the fuse_* 1x1 convolutions alone
+    return [jnp.einsum('bhwc,cd->bhwd', f, dp[f'fuse_{level}']['kernel'][0, 0]) + dp[f'fuse_{level}']['bias']
+            for level, f in enumerate(features)]
+
+  def flops(lowered):
+    cost = lowered.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)['flops'])
+
+  total = flops(denoise.lower(params, conditioning, x_t, t))
+  fuse = flops(jax.jit(projections).lower(denoiser, conditioning['features']))
+  _emit('flops/denoiser_per_nfe', total, 'FLOP', batch=1, image_size=size)
+  _emit('flops/feature_projection_fraction', fuse / total, 'fraction', projection_flops=fuse, batch=1)
+
+
 def bench_input(config) -> None:
   for workers in (0, 2):
     cfg = config.copy_and_resolve_references()
@@ -332,7 +360,7 @@ def bench_scaling(config) -> None:
     _guard('scaling/step_s', measure)
 
 
-BENCHMARKS = {'train': bench_train, 'inference': bench_inference, 'input': bench_input,
+BENCHMARKS = {'train': bench_train, 'inference': bench_inference, 'flops': bench_flops, 'input': bench_input,
               'scaling': bench_scaling, 'memory': bench_memory}  # memory last: the peak of everything before
 
 

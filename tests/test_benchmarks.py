@@ -12,7 +12,8 @@ from tests.conftest import ROOT
 from unisegdiff_jax import packs
 
 EXPECTED = {'train/compile_s', 'train/first_call_s', 'train/step_s', 'train/images_per_s', 'train/flops_per_step',
-            'train/data_wait_fraction', 'inference/s_per_nfe', 'inference/s_per_image'}
+            'train/data_wait_fraction', 'inference/s_per_nfe', 'inference/s_per_image', 'flops/denoiser_per_nfe',
+            'flops/feature_projection_fraction'}
 
 
 @pytest.fixture(scope='module')
@@ -22,7 +23,7 @@ def bench(tiny_data_dir, tmp_path_factory):
                      f'--out={root / "packs"}', f'--data_dir={tiny_data_dir}']) == 0
   out = root / 'out'
   env = dict(os.environ, JAX_PLATFORMS='cpu', OUT=str(out), CONFIG='configs/synthetic.py:smoke',
-             PACKS=str(root / 'packs'), DTYPES='float32', BENCH_ONLY='train,inference', BENCH_STEPS='3',
+             PACKS=str(root / 'packs'), DTYPES='float32', BENCH_ONLY='train,inference,flops', BENCH_STEPS='3',
              PRE_STEPS='2', TRAIN_STEPS='4')
   done = subprocess.run(['bash', 'benchmarks/device.sh'], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900)
