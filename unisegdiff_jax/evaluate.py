@@ -14,6 +14,7 @@ from typing import Sequence
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from unisegdiff_jax import ensemble
@@ -55,7 +56,7 @@ def summarise(rows_by_dataset: dict[str, list[dict]]) -> dict:
 
 def write_per_case_csv(path: str, rows: Sequence[dict]) -> None:
   fields = ['dataset', 'case_id', 'height', 'width', 'dice', 'iou', 'hd95', 'ece', 'missed']
-  with open(path, 'w', newline='') as f:
+  with epath.Path(path).open('w') as f:
     writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
     writer.writeheader()
     for row in rows:
@@ -94,7 +95,8 @@ def write_overlay_grid(path: str, cases: Sequence[input_pipeline.EvalCase],
     panels = [image, overlay(image, case.mask, (40, 220, 40)), overlay(image, pred)]
     for col, panel in enumerate(panels):
       grid.paste(_tile(panel, tile), (col * tile, row * tile))
-  grid.save(path)
+  with epath.Path(path).open('wb') as f:
+    grid.save(f, format='PNG')
 
 
 def evaluate(engine, params, config: ml_collections.ConfigDict, split: str, out_dir: str | None, *, step: int,
@@ -127,9 +129,8 @@ def evaluate(engine, params, config: ml_collections.ConfigDict, split: str, out_
   })
   summary.update(extra or {})
   if out_dir is not None and jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # a local path or gs://
+    epath.Path(out_dir, 'summary.json').write_text(json.dumps(summary, indent=2))
     write_per_case_csv(os.path.join(out_dir, 'per_case.csv'), all_rows)
     write_overlay_grid(os.path.join(out_dir, 'overlays.png'), overlay_cases, overlay_probs, threshold)
   return summary

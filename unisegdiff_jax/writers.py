@@ -50,7 +50,8 @@ def create_writer(workdir: str, *, just_logging: bool = False) -> Writer:
     base = metric_writers.create_default_writer(workdir, just_logging=just_logging)
   except ImportError:
     base = _LoggingWriter()
-  return Writer(base, None if just_logging else os.path.join(workdir, 'scalars.jsonl'))
+  local = '://' not in workdir  # object stores (gs://) cannot append: there the clu writer's events suffice
+  return Writer(base, os.path.join(workdir, 'scalars.jsonl') if local and not just_logging else None)
 
 
 def read_scalars(workdir: str) -> list[dict]:
