@@ -23,14 +23,7 @@ BENCH_ONLY=${BENCH_ONLY:-train,inference,flops,memory}; BENCH_STEPS=${BENCH_STEP
 PRE_STEPS=${PRE_STEPS:-300}; TRAIN_STEPS=${TRAIN_STEPS:-600}; RUN_ARGS=${RUN_ARGS:-}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-if ! "$PY" -c 'import grain, ml_collections' 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site devpack/whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
-HW=$(nvidia-smi -L 2>/dev/null | head -1 | sed 's/ (UUID.*//'); HW=${HW:-$("$PY" -c 'import jax; print(jax.devices()[0].device_kind)')}
+source benchmarks/devpack_env.sh  # wheels, environment, HW
 echo "hardware: $HW; $(nproc) CPU cores; config $CONFIG; packs $PACKS"
 status=0
 for dtype in $DTYPES; do

@@ -13,14 +13,7 @@ SWEEPS=${SWEEPS:-method,targets,encoder,budget,unified}
 SEEDS=${SEEDS:-0,1,2}; SEED_DATASETS=${SEED_DATASETS:-kvasir_seg:2,busi:2,ph2:2,lgg_brain_mri:2,ddti_thyroid_us:2,unified:2}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-if ! "$PY" -c 'import grain, ml_collections' 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site devpack/whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
-HW=$(nvidia-smi -L 2>/dev/null | head -1 | sed 's/ (UUID.*//'); HW=${HW:-$("$PY" -c 'import jax; print(jax.devices()[0].device_kind)')}
+source benchmarks/devpack_env.sh  # wheels, environment, HW
 echo "hardware: $HW; $(nproc) CPU cores; jobs $JOBS; deadline $MINUTES min"
 "$PY" -m experiments.run "$SWEEPS" --seeds="$SEEDS" --seed_datasets="$SEED_DATASETS" --jobs="$JOBS" \
   --deadline_minutes="$MINUTES" --hardware="$HW, $(nproc) CPU cores, $JOBS runs at once" \

@@ -44,16 +44,6 @@ def segmentation_loss(logits: jnp.ndarray, mask: jnp.ndarray):
   return loss, {'loss': loss, 'bce': jnp.mean(bce), 'dice_loss': jnp.mean(dice)}
 
 
-def make_segment_fn(segmenter):
-  """(params, images, rng) -> foreground probability, the same signature as the diffusion sampler."""
-
-  def segment(params, images, rng):
-    del rng
-    return jax.nn.sigmoid(segmenter.apply(params, images))
-
-  return segment
-
-
 def with_pretrained(params: Any, pretrained: Any, names=('encoder',)) -> Any:
   """`params` with the named top-level subtrees replaced by the pre-trained ones."""
   inner = dict(params['params'])
