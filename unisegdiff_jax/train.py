@@ -81,22 +81,6 @@ def _evaluate(phase: phases.Phase, params, config, split: str, out_dir: str | No
                                nfe=phase.nfe, rng=runtime.eval_rng, max_examples=max_examples, extra=extra)
 
 
-def _check_finite(fetched: list[dict], step: int, phase: phases.Phase, config, manager) -> list[dict]:
-  """Applies the non-finite policy to the metrics of the steps up to `step` (fetched in one transfer)."""
-  first = step - len(fetched) + 1
-  for offset, metrics in enumerate(fetched):
-    if float(metrics['finite']) == 0.0:
-      bad = first + offset
-      if config.train.nonfinite == 'stop':
-        checkpointing.wait_until_finished(manager)  # the last good checkpoint must finish writing first
-        raise NonFiniteError(
-            f'{phase.name}: non-finite loss or gradient at step {bad}: training stopped; the latest '
-            f'checkpoint ({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip '
-            'to skip such steps')
-      logging.warning('%s: skipped step %d: non-finite loss or gradient', phase.name, bad)
-  return fetched
-
-
 def run_phase(phase: phases.Phase, config: ml_collections.ConfigDict, runtime: phases.Runtime):
   """Trains one phase, resuming from its latest checkpoint. Returns (best EMA params, best step) or None
   when stopped early (signal or max_steps_per_run) after checkpointing."""
@@ -152,7 +136,7 @@ def run_phase(phase: phases.Phase, config: ml_collections.ConfigDict, runtime: p
       if not (sync or stopping):
         continue
       with allow():  # the sync step: metrics, validation, checkpoint
-        train_metrics += _check_finite(jax.device_get(pending), step, phase, config, manager)
+        train_metrics += train_state.check_finite(jax.device_get(pending), step, phase.name, config, manager)
         pending = []
         if log_now:
           summary = {k: float(np.mean([m[k] for m in train_metrics])) for k in train_metrics[0]}

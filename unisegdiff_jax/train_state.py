@@ -7,6 +7,7 @@ which the loop reads only at its sync steps.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from unisegdiff_jax import checkpointing
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import losses
 from unisegdiff_jax import schedules
@@ -86,6 +88,24 @@ def apply_gradients(state: TrainState, loss_and_grads, optimizer, config: ml_col
   kept = state.replace(step=step)  # a non-finite step only advances the counter
   updated = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), updated, kept)
   return updated, {**metrics, 'grad_norm': grad_norm, 'finite': finite.astype(jnp.float32)}
+
+
+def check_finite(fetched: list[dict], step: int, phase_name: str, config: ml_collections.ConfigDict,
+                 manager) -> list[dict]:
+  """The non-finite policy over the fetched metrics of the steps up to `step`: `stop` raises NonFiniteError
+  (after the last good checkpoint has finished writing), `skip` logs each skipped step."""
+  first = step - len(fetched) + 1
+  for offset, metrics in enumerate(fetched):
+    if float(metrics['finite']) == 0.0:
+      bad = first + offset
+      if config.train.nonfinite == 'stop':
+        checkpointing.wait_until_finished(manager)
+        raise NonFiniteError(
+            f'{phase_name}: non-finite loss or gradient at step {bad}: training stopped; the latest '
+            f'checkpoint ({manager.latest_step()}) is the last good one. Set config.train.nonfinite=skip '
+            'to skip such steps')
+      logging.warning('%s: skipped step %d: non-finite loss or gradient', phase_name, bad)
+  return fetched
 
 
 def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model, optimizer,
