@@ -201,12 +201,15 @@ def apply_cpu(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Plumbing checks and tests: 32 px and a two-level model (XLA compiles its train step in about 8 s on the
+  2-core CPU with the tests' optimisation level, against 13 s for four levels)."""
   config.data.image_size = 32
   config.data.max_val_examples = 8
   config.data.max_eval_examples = 16
-  config.model.encoder.widths = (8, 16, 16, 16)
+  config.model.encoder.widths = (8, 16)
   config.model.denoiser.base_width = 8
-  config.model.denoiser.channel_mult = (1, 2, 2, 2)
+  config.model.denoiser.channel_mult = (1, 2)
+  config.model.denoiser.attention_levels = (1,)
   config.model.num_groups = 4
   config.sampling.batch_size = 8
   config.train.global_batch_size = 8

@@ -11,9 +11,17 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-  """The persistent compilation cache main.py uses, so tests and their main.py subprocesses share programs."""
+  """The persistent compilation cache main.py uses, so tests and their main.py subprocesses share programs.
+
+  Tests compile with most XLA optimisations off (`jax_disable_most_optimizations`, also in the environment so
+  main.py subprocesses do the same): it cuts XLA's CPU compile time of the smoke programs by about a third
+  (train step 20 -> 14 s, init 17 -> 7 s). Every comparison in the suite is between programs compiled the
+  same way. JAX_DISABLE_MOST_OPTIMIZATIONS=0 in the environment turns them back on.
+  """
   del config
+  os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_disable_most_optimizations', os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1')
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR',
                          os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
   jax.config.update('jax_compilation_cache_dir', cache)

@@ -180,14 +180,24 @@ def _tiny_model_config():
                     num_heads=2, dropout=0.0)))
 
 
+def _random_params(model, *args, scale=0.2):
+  """Random parameters of the model's shapes (eval_shape: nothing compiled; the zero-initialised output layer
+  is live)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
+  rs = np.random.RandomState(0)
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(rs.normal(0.0, scale, x.shape).astype(x.dtype)), shapes)
+
+
 def test_encoder_gives_four_scales_and_denoiser_keeps_the_mask_shape():
+  """Shapes and parameter names by abstract evaluation (no compilation)."""
   model = denoiser_lib.build_model(_tiny_model_config(), num_stages=3)
   image, x_t = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 32, 32, 1))
   t = jnp.array([10, 900])
-  params = model.init(jax.random.PRNGKey(0), image, x_t, t, jnp.array([2, 0]))
-  conditioning = model.apply(params, image, method=model.encode)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, x_t, t, jnp.array([2, 0]))
+  conditioning = jax.eval_shape(lambda p, i: model.apply(p, i, method=model.encode), params, image)
   assert [f.shape for f in conditioning["features"]] == [(2, 32, 32, 8), (2, 16, 16, 16), (2, 8, 8, 16), (2, 4, 4, 16)]
-  out = model.apply(params, conditioning, x_t, t, jnp.array([2, 0]), method=model.denoise)
+  out = jax.eval_shape(lambda p, c: model.apply(p, c, x_t, t, jnp.array([2, 0]), method=model.denoise),
+                       params, conditioning)
   assert out.shape == (2, 32, 32, 1)
   # The attention module exists only at the lowest resolution.
   names = jax.tree_util.tree_leaves_with_path(params)
@@ -200,13 +210,12 @@ def test_output_depends_on_image_time_and_stage():
   rng = np.random.RandomState(0)
   image = jnp.asarray(rng.randn(1, 32, 32, 3).astype(np.float32))
   x_t = jnp.asarray(rng.randn(1, 32, 32, 1).astype(np.float32))
-  params = model.init(jax.random.PRNGKey(0), image, x_t, jnp.array([5]), jnp.array([0]))
-  # Zero-initialised output layers make a fresh model output 0: perturb every parameter.
-  params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-  base = model.apply(params, image, x_t, jnp.array([5]), jnp.array([0]))
-  for changed in (model.apply(params, image * 0.5, x_t, jnp.array([5]), jnp.array([0])),
-                  model.apply(params, image, x_t, jnp.array([700]), jnp.array([0])),
-                  model.apply(params, image, x_t, jnp.array([5]), jnp.array([1]))):
+  params = _random_params(model, image, x_t, jnp.array([5]), jnp.array([0]), scale=0.1)
+  apply = jax.jit(model.apply)  # one program for the four calls
+  base = apply(params, image, x_t, jnp.array([5]), jnp.array([0]))
+  for changed in (apply(params, image * 0.5, x_t, jnp.array([5]), jnp.array([0])),
+                  apply(params, image, x_t, jnp.array([700]), jnp.array([0])),
+                  apply(params, image, x_t, jnp.array([5]), jnp.array([1]))):
     assert float(jnp.max(jnp.abs(changed - base))) > 1e-4
 
 

@@ -1,5 +1,6 @@
 """Training step, checkpoint round trip (with the data iterator), 1-vs-8-device equality, validation."""
 
+import copy
 import functools
 import json
 import os
@@ -21,14 +22,23 @@ from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 
+_SETUPS = {}
+
+
 def _setup(config):
-  process = train.validate_config(config)
-  model = denoiser_lib.build_model(config.model, process.num_stages)
-  optimizer = train_state.make_optimizer(config)
-  state = train_state.create_train_state(model, config, optimizer, jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
-                                   config=config))
-  return process, model, optimizer, state, step
+  """(process, model, optimizer, initial state, jitted step) for a config, built once per distinct config (and
+  fault injection) in this module, so tests that share a config share its compiled programs."""
+  key = (config.to_json_best_effort(sort_keys=True), train_state.apply_gradients)
+  if key not in _SETUPS:
+    config = copy.deepcopy(config)  # the tests go on to mutate theirs
+    process = train.validate_config(config)
+    model = denoiser_lib.build_model(config.model, process.num_stages)
+    optimizer = train_state.make_optimizer(config)
+    state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r))(jax.random.PRNGKey(0))
+    step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
+                                     config=config))
+    _SETUPS[key] = process, model, optimizer, state, step
+  return _SETUPS[key]
 
 
 def _fixed_batch(config, seed=0):
@@ -56,7 +66,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(smoke_config):
     return float(metrics['loss'])
 
   before = eval_loss(state)
-  for _ in range(40):
+  for _ in range(20):
     state, metrics = step(state, batch, rng)
   after = eval_loss(state)
   assert after < 0.7 * before, (before, after)
@@ -127,7 +137,7 @@ def test_restore_refuses_an_incompatible_config(smoke_config, tmp_path):
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('data.image_size', 36, 'cannot be halved 3 times'),
+    ('data.image_size', 33, 'cannot be halved 1 times'),
     ('train.global_batch_size', 0, 'not divisible'),
     ('diffusion.stages', '0:500 eps', 'tile [0, 1000)'),
     ('diffusion.stages', '0:1000 noise', 'unknown target'),
@@ -152,44 +162,48 @@ def test_batch_must_divide_the_device_count(smoke_config):
 _DEVICE_SCRIPT = r'''
 import functools, json, os, sys
 sys.path.insert(0, {root!r})
-import jax, jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import synthetic
 from tests.test_train import _fixed_batch
-from unisegdiff_jax import phases
 from unisegdiff_jax import train
 from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
 config = synthetic.get_config('smoke')
+# A smaller model than smoke's (the property is about sharding, not size): 16 px, two 8-channel levels.
+config.data.image_size = 16
+config.model.encoder.widths, config.model.denoiser.channel_mult = (8, 8), (1, 1)
+config.model.denoiser.attention_levels = ()
 process = train.validate_config(config)
 model = denoiser_lib.build_model(config.model, process.num_stages)
 optimizer = train_state.make_optimizer(config)
-mesh = phases.create_mesh()
-rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r), out_shardings=rep)(jax.random.PRNGKey(0))
-step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process, config=config),
-               in_shardings=(rep, data, rep), out_shardings=(rep, rep))
-batch = jax.device_put(_fixed_batch(config), data)
-losses = []
-for _ in range(3):
-  state, metrics = step(state, batch, jax.random.PRNGKey(1))
-  losses.append(float(metrics['loss']))
-leaf = jax.tree_util.tree_leaves(state.params)[0]
-print(json.dumps({{'devices': jax.device_count(), 'losses': losses,
-                  'param_sum': float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(state.params)))}}))
+initial = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r))(jax.random.PRNGKey(0))
+results = []
+for count in (1, jax.device_count()):
+  mesh = Mesh(np.asarray(jax.devices()[:count]), ('data',))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
+                                   config=config), in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+  state, batch = jax.device_put(initial, rep), jax.device_put(_fixed_batch(config), data)
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch, jax.random.PRNGKey(1))
+    losses.append(float(metrics['loss']))
+  leaves = jax.tree_util.tree_leaves(state.params)
+  results.append({{'devices': len(leaves[0].sharding.device_set), 'losses': losses,
+                   'param_sum': float(sum(jnp.sum(jnp.abs(x)) for x in leaves))}})
+print(json.dumps(results))
 '''
 
 
-def _run_on_devices(count):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={count}', JAX_PLATFORMS='cpu')
+def test_one_and_eight_devices_give_the_same_loss():
+  """The same three steps from the same state on a 1-device and an 8-device mesh (one process with 8 forced
+  CPU devices, so the initial state is computed once)."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _DEVICE_SCRIPT.format(root=ROOT)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_one_and_eight_devices_give_the_same_loss():
-  one, eight = _run_on_devices(1), _run_on_devices(8)
+  one, eight = json.loads(out.stdout.strip().splitlines()[-1])
   assert one['devices'] == 1 and eight['devices'] == 8
   np.testing.assert_allclose(one['losses'], eight['losses'], rtol=2e-5)
   np.testing.assert_allclose(one['param_sum'], eight['param_sum'], rtol=2e-5)
