@@ -14,12 +14,12 @@
 #
 # Everything is an environment variable, so the same script runs here on CPU at a tiny size (the test):
 #   CONFIG (configs/polyp.py)  PACKS (devpack/packs256)  DTYPES ("float32 bfloat16")
-#   BENCH_ONLY (train,inference,flops,memory)  BENCH_STEPS (10)  PRE_STEPS (300)  TRAIN_STEPS (600)
+#   BENCH_ONLY (train,inference,flops,memory)  BENCH_STEPS (10)  BENCH_DDIM (100)  PRE_STEPS (300)  TRAIN_STEPS (600)
 #   RUN_ARGS (extra --config.* flags for the short run)
 set -u -o pipefail
 OUT=${OUT:-/tmp/device_bench}; PY=${PY:-python3}
 CONFIG=${CONFIG:-configs/polyp.py}; PACKS=${PACKS:-devpack/packs256}; DTYPES=${DTYPES:-float32 bfloat16}
-BENCH_ONLY=${BENCH_ONLY:-train,inference,flops,memory}; BENCH_STEPS=${BENCH_STEPS:-10}
+BENCH_ONLY=${BENCH_ONLY:-train,inference,flops,memory}; BENCH_STEPS=${BENCH_STEPS:-10}; BENCH_DDIM=${BENCH_DDIM:-100}
 PRE_STEPS=${PRE_STEPS:-300}; TRAIN_STEPS=${TRAIN_STEPS:-600}; RUN_ARGS=${RUN_ARGS:-}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -29,14 +29,16 @@ status=0
 for dtype in $DTYPES; do
   echo "== benchmark, $dtype"
   "$PY" -m benchmarks.run --config="$CONFIG" --config.data.pack_dir="$PACKS" --config.model.dtype="$dtype" \
-    --only="$BENCH_ONLY" --steps="$BENCH_STEPS" --out="$OUT/bench_$dtype.jsonl" || status=1
+    --only="$BENCH_ONLY" --steps="$BENCH_STEPS" --ddim_steps="$BENCH_DDIM" \
+    --out="$OUT/bench_$dtype.jsonl" || status=1
 done
 echo "== short training + test evaluation ($PRE_STEPS + $TRAIN_STEPS steps)"
-rm -rf /tmp/device_run
-"$PY" main.py --config="$CONFIG" --workdir=/tmp/device_run --config.data.pack_dir="$PACKS" \
+RUN_DIR=$(mktemp -d /tmp/device_run.XXXXXX)  # its own folder: two copies of the script never share one
+"$PY" main.py --config="$CONFIG" --workdir="$RUN_DIR" --config.data.pack_dir="$PACKS" \
   --config.pretrain.num_steps="$PRE_STEPS" --config.pretrain.eval_every_steps="$PRE_STEPS" \
   --config.train.num_steps="$TRAIN_STEPS" --config.train.eval_every_steps="$TRAIN_STEPS" \
   --config.train.checkpoint_every_steps="$TRAIN_STEPS" --config.optim.warmup_steps=50 $RUN_ARGS || status=1
-cp /tmp/device_run/eval/test/summary.json "$OUT/kvasir256_summary.json" 2>/dev/null || status=1
-grep -h steps_per_sec /tmp/device_run/scalars.jsonl > "$OUT/kvasir256_steps_per_sec.jsonl" 2>/dev/null
+cp "$RUN_DIR"/eval/test/summary.json "$OUT/kvasir256_summary.json" 2>/dev/null || status=1
+grep -h steps_per_sec "$RUN_DIR"/scalars.jsonl > "$OUT/kvasir256_steps_per_sec.jsonl" 2>/dev/null
+rm -rf "$RUN_DIR"
 exit $status

@@ -23,8 +23,9 @@ def bench(tiny_data_dir, tmp_path_factory):
                      f'--out={root / "packs"}', f'--data_dir={tiny_data_dir}']) == 0
   out = root / 'out'
   env = dict(os.environ, JAX_PLATFORMS='cpu', OUT=str(out), CONFIG='configs/synthetic.py:smoke',
-             PACKS=str(root / 'packs'), DTYPES='float32', BENCH_ONLY='train,inference,flops', BENCH_STEPS='3',
-             PRE_STEPS='2', TRAIN_STEPS='4')
+             PACKS=str(root / 'packs'), DTYPES='float32', BENCH_ONLY='train,inference,flops', BENCH_STEPS='1',
+             BENCH_DDIM='10', PRE_STEPS='2', TRAIN_STEPS='4',
+             RUN_ARGS='--config.pretrain.enabled=False')  # the short run: phase 1 only (the loop is the same)
   done = subprocess.run(['bash', 'benchmarks/device.sh'], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900)
   assert done.returncode == 0, done.stdout[-4000:]
@@ -68,3 +69,17 @@ def test_the_short_run_trained_and_evaluated_from_the_pack(bench):
   assert summary['checkpoint_step'] == 4 and 0.0 <= summary['mean']['dice'] <= 1.0
   assert list(summary['datasets']) == ['synthetic_lesions']
   assert 'hardware: ' in (bench[1] / 'log.txt').read_text()
+
+
+def test_table_has_a_row_per_line_with_rounded_values(tmp_path):
+  from benchmarks import table  # pylint: disable=g-import-not-at-top
+  lines = [{'name': 'train/step_s', 'value': 0.123456, 'unit': 's', 'device': 'cpu', 'dtype': 'float32',
+            'num_devices': 2, 'config': 'c', 'overrides': {}, 'steps': 10, 'images_per_s': 129.61234},
+           {'name': 'memory/device_peak', 'value': None, 'unit': None, 'device': 'cpu', 'dtype': 'float32',
+            'num_devices': 1, 'error': 'not reported'}]
+  path = tmp_path / 'b.jsonl'
+  path.write_text('\n'.join(json.dumps(l) for l in lines) + '\n')
+  rows = table.table([str(path)]).splitlines()
+  assert len(rows) == 4
+  assert rows[2] == '| `train/step_s` | 0.123 s | cpu, float32, 2 | steps=10, images_per_s=130 |'
+  assert rows[3] == '| `memory/device_peak` | error: not reported | cpu, float32, 1 |  |'
