@@ -14,11 +14,12 @@ def get_config(arg: str | None = None):
   default.apply_cpu(config)
   config.pretrain.num_steps = 300
   config.pretrain.eval_every_steps = 300
-  # 500 phase-1 steps: the train step runs at ~1.1 steps/s on the 2-core CPU (measured), so 1000 steps made
-  # the README's main command take ~20 minutes. The experiments pin their own step counts (sweeps.py).
-  config.train.num_steps = 500
-  config.train.eval_every_steps = 250
-  config.train.checkpoint_every_steps = 250
+  # 350 phase-1 steps: the train step runs at 0.9-1.4 steps/s on the 2-core CPU (measured on different days);
+  # 500 steps made the README's main command take 14 min 55 s on a slow day (2026-11-26), 1000 about 20 minutes.
+  # The experiments pin their own step counts (sweeps.py).
+  config.train.num_steps = 350
+  config.train.eval_every_steps = 175
+  config.train.checkpoint_every_steps = 175
   if 'smoke' in default.tokens(arg):
     config.data.datasets = 'synthetic_lesions/tiny'
   return default.apply_arguments(config, arg)
