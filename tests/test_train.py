@@ -170,8 +170,8 @@ from unisegdiff_jax import train
 from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
 config = synthetic.get_config('smoke')
-# A smaller model than smoke's (the property is about sharding, not size): 16 px, two 8-channel levels.
-config.data.image_size = 16
+# A smaller model than smoke's (the property is about sharding, not size): 24 px, two 8-channel levels.
+config.data.image_size = 24
 config.model.encoder.widths, config.model.denoiser.channel_mult = (8, 8), (1, 1)
 config.model.denoiser.attention_levels = ()
 process = train.validate_config(config)
