@@ -28,6 +28,16 @@ def pytest_configure(config):
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def random_params(shapes, scale: float = 0.2):
+  """Normal(0, scale) arrays of an abstract parameter tree (from jax.eval_shape: no init compile, and the
+  zero-initialised output layers are live); the same values for the same tree every time."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(0)
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(rs.normal(0.0, scale, x.shape).astype(x.dtype)), shapes)
+
+
 @pytest.fixture(scope='session')
 def tiny_data_dir(tmp_path_factory):
   import data_prep  # pylint: disable=g-import-not-at-top

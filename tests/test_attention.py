@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import attention
+from tests import conftest
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import phases
 from unisegdiff_jax import train
@@ -32,8 +33,7 @@ def setup(smoke_config):
   process = train.validate_config(config)
   model, _, _ = phases.diffusion_parts(config, process)
   shapes = jax.eval_shape(lambda: train_state.init_params(model, config, jax.random.PRNGKey(0)))
-  rs = np.random.RandomState(0)
-  params = jax.tree_util.tree_map(lambda x: jnp.asarray(rs.normal(0.0, 0.2, x.shape).astype(x.dtype)), shapes)
+  params = conftest.random_params(shapes)
   images, masks, counts = attention.load_cases(config, config.data.val_split, 6)
   assert images.shape == (6, 16, 16, 3) and masks.shape == (6, 16, 16, 1) and sum(counts.values()) == 6
   assert masks.max() == 1.0 and set(np.unique(masks)) <= {0.0, 1.0}

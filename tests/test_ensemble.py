@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests import conftest
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import ensemble
 from unisegdiff_jax import inference
@@ -306,8 +307,7 @@ def tiny_model():
   t = jnp.zeros((1,), jnp.int32)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 1)), t, t))
-  rs = np.random.RandomState(0)
-  params = jax.tree_util.tree_map(lambda x: jnp.asarray(rs.normal(0.0, 0.2, x.shape).astype(x.dtype)), shapes)
+  params = conftest.random_params(shapes)
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
   return model, process, params, images
 

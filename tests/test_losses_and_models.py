@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests import conftest
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import losses
 from unisegdiff_jax.models import denoiser as denoiser_lib
@@ -183,9 +184,7 @@ def _tiny_model_config():
 def _random_params(model, *args, scale=0.2):
   """Random parameters of the model's shapes (eval_shape: nothing compiled; the zero-initialised output layer
   is live)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
-  rs = np.random.RandomState(0)
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(rs.normal(0.0, scale, x.shape).astype(x.dtype)), shapes)
+  return conftest.random_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args), scale)
 
 
 def test_encoder_gives_four_scales_and_denoiser_keeps_the_mask_shape():
