@@ -44,16 +44,9 @@ def _setup_runtime() -> None:
   elif any(k in os.environ for k in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
                                      'MEGASCALE_COORDINATOR_ADDRESS')):
     jax.distributed.initialize()  # cluster auto-detection (Slurm, Cloud TPU, GKE)
-  try:  # TensorFlow (TFDS, TensorBoard writers) stays off the accelerators; the project runs without it.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
-  except ImportError:
-    pass
-  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                         os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
-  jax.config.update('jax_compilation_cache_dir', cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
+  from unisegdiff_jax import host  # pylint: disable=g-import-not-at-top
+  host.keep_tensorflow_off_accelerators()
+  host.use_compilation_cache()
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -53,6 +53,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from unisegdiff_jax import ensemble
+from unisegdiff_jax import host
 from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import config_checks
 from unisegdiff_jax import inference
@@ -82,20 +83,13 @@ _FAILED: list[str] = []  # measurements that printed an "error" line
 def _setup_runtime() -> None:
   """Persistent compilation cache as in main.py; TensorFlow (if installed) kept off the accelerators."""
   if FLAGS.compilation_cache:
-    cache = os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                           os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
-    jax.config.update('jax_compilation_cache_dir', cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
+    host.use_compilation_cache()
 
   def count_hits(event: str, **_):
     if event == '/jax/compilation_cache/cache_hits':
       _CACHE_HITS[0] += 1
   jax.monitoring.register_event_listener(count_hits)
-  if jax.default_backend() != 'cpu' and importlib.util.find_spec('tensorflow'):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    for kind in ('GPU', 'TPU'):
-      if tf.config.list_physical_devices(kind):
-        tf.config.set_visible_devices([], kind)
+  host.keep_tensorflow_off_accelerators()
 
 
 def _emit(name: str, value, unit: str | None, **extra) -> None:
@@ -143,8 +137,22 @@ def _random_batch(config, batch: int) -> dict:
 # Train step.
 
 
+@dataclasses.dataclass
+class _Bound:
+  """A jitted train step with its schedule argument bound: called and lowered with (state, batch, rng)."""
+  jitted: Any
+  schedule: Any
+
+  def __call__(self, state, batch, rng):
+    return self.jitted(state, batch, rng, self.schedule)
+
+  def lower(self, state, batch, rng):
+    return self.jitted.lower(state, batch, rng, self.schedule)
+
+
 def _train_setup(config, devices):
-  """(make_jit, state, batch, rng, batch_sharding) for the diffusion train step on a Mesh of `devices`."""
+  """(make_jit, state, batch, rng, batch_sharding) for the diffusion train step on a Mesh of `devices`; the
+  jitted step takes (state, batch, rng) (the run's learning-rate schedule bound, as in phases)."""
   process = config_checks.validate_config(config, num_devices=len(devices))
   model, optimizer, _ = phases.diffusion_parts(config, process)
   mesh = Mesh(np.asarray(devices), ('data',))
@@ -154,10 +162,11 @@ def _train_setup(config, devices):
   state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r), out_shardings=replicated)(rng)
 
   def make_jit():  # a fresh jit object each time: its own in-memory compilation cache
-    return jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
-                                     config=config),
-                   in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+    jitted = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
+                                       config=config),
+                     in_shardings=(replicated, batch_sharding, replicated, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=(0,))
+    return _Bound(jitted, jnp.asarray(train_state.schedule_args(config)))
 
   batch = jax.device_put(_random_batch(config, config.train.global_batch_size), batch_sharding)
   return make_jit, state, batch, jax.device_put(rng, replicated), batch_sharding

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from unisegdiff_jax import diffusion
+from unisegdiff_jax import host
 from unisegdiff_jax import losses
 
 FIELDS = ('t_lo', 't_hi', 'loss', 'grad_norm', 'dice_x0', 'reliance_zero', 'reliance_swap')
@@ -191,14 +192,9 @@ def plot_side_by_side(dirs: Mapping[str, str], out_png: str) -> None:
 
 
 def _setup_runtime() -> None:
-  """As main.py: TensorFlow (TFDS) off the accelerators, the persistent compilation cache."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-  except ImportError:
-    pass
-  jax.config.update('jax_compilation_cache_dir', os.environ.get(
-      'JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax')))
+  """As main.py: TensorFlow off the accelerators, the persistent compilation cache."""
+  host.keep_tensorflow_off_accelerators()
+  host.use_compilation_cache()
 
 
 def main(argv) -> None:

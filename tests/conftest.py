@@ -22,10 +22,8 @@ def pytest_configure(config):
   os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_disable_most_optimizations', os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1')
-  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                         os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
-  jax.config.update('jax_compilation_cache_dir', cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  from unisegdiff_jax import host  # pylint: disable=g-import-not-at-top
+  host.use_compilation_cache(min_compile_time_secs=1.0)
 
 
 def random_params(shapes, scale: float = 0.2):
@@ -63,9 +61,9 @@ def inject_nonfinite(monkeypatch):
   real = train_state.apply_gradients
 
   def inject(bad_step: int):
-    def faulty(state, loss_and_grads, optimizer, config):
+    def faulty(state, loss_and_grads, optimizer, config, schedule):
       (loss, metrics), grads = loss_and_grads
       loss = loss * jnp.where(state.step + 1 == bad_step, jnp.nan, 1.0)
-      return real(state, ((loss, metrics), grads), optimizer, config)
+      return real(state, ((loss, metrics), grads), optimizer, config, schedule)
     monkeypatch.setattr(train_state, 'apply_gradients', faulty)
   return inject

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import ROOT
 from unisegdiff_jax import checkpointing
+from unisegdiff_jax import host
 from unisegdiff_jax import phases
 from unisegdiff_jax import train
 from unisegdiff_jax import train_state
@@ -44,8 +45,7 @@ TINY = {
 NONFINITE = {'train.num_steps': 8, 'train.checkpoint_every_steps': 2,
              'train.eval_every_steps': 1000}
 
-CACHE_DIR = os.environ.get('JAX_COMPILATION_CACHE_DIR',
-                           os.path.join(os.path.expanduser('~'), '.cache', 'unisegdiff_jax', 'jax'))
+CACHE_DIR = host.compilation_cache_dir()
 
 
 @pytest.fixture(scope='module', autouse=True)

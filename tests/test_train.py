@@ -17,6 +17,7 @@ from unisegdiff_jax import checkpointing
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import input_pipeline
 from unisegdiff_jax import phases
+from unisegdiff_jax import schedules
 from unisegdiff_jax import train
 from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
@@ -35,8 +36,9 @@ def _setup(config):
     model = denoiser_lib.build_model(config.model, process.num_stages)
     optimizer = train_state.make_optimizer(config)
     state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r))(jax.random.PRNGKey(0))
-    step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
-                                     config=config))
+    jitted = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer,
+                                       process=process, config=config))
+    step = functools.partial(jitted, schedule=jnp.asarray(train_state.schedule_args(config)))
     _SETUPS[key] = process, model, optimizer, state, step
   return _SETUPS[key]
 
@@ -74,10 +76,13 @@ def test_training_lowers_the_loss_on_a_fixed_batch(smoke_config):
 
 
 def test_second_training_step_does_not_recompile(smoke_config):
+  """Nor does a run of another length or learning rate: the schedule is an argument of the program."""
   _, _, _, state, step = _setup(smoke_config)
   state, _ = step(state, _fixed_batch(smoke_config, 0), jax.random.PRNGKey(0))
   state, _ = step(state, _fixed_batch(smoke_config, 1), jax.random.PRNGKey(1))  # new data, new key, new step
-  assert step._cache_size() == 1  # pylint: disable=protected-access
+  other = jnp.asarray(schedules.schedule_args(3e-3, 7, 12345))
+  state, _ = step(state, _fixed_batch(smoke_config, 2), jax.random.PRNGKey(2), schedule=other)
+  assert step.func._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_nonfinite_step_is_not_applied(smoke_config, inject_nonfinite):
@@ -183,11 +188,11 @@ for count in (1, jax.device_count()):
   mesh = Mesh(np.asarray(jax.devices()[:count]), ('data',))
   rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   step = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
-                                   config=config), in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+                                   config=config), in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep))
   state, batch = jax.device_put(initial, rep), jax.device_put(_fixed_batch(config), data)
   losses = []
   for _ in range(3):
-    state, metrics = step(state, batch, jax.random.PRNGKey(1))
+    state, metrics = step(state, batch, jax.random.PRNGKey(1), train_state.schedule_args(config))
     losses.append(float(metrics['loss']))
   leaves = jax.tree_util.tree_leaves(state.params)
   results.append({{'devices': len(leaves[0].sharding.device_set), 'losses': losses,

@@ -63,7 +63,7 @@ class Phase:
   init_params: Callable[[], Any]  # jit-able random initialisation (no weights baked in as constants)
   start: Callable[[Any], Any]  # params -> params with pre-trained / external weights put in (eager)
   optimizer: Any
-  step_fn: Callable  # jitted (state, batch, rng) -> (state, metrics)
+  step_fn: Callable  # (state, batch, rng) -> (state, metrics): the jitted step, this run's schedule bound
   members: Callable  # (params, images, per-image keys [B, 2]) -> member probabilities [K, B, S, S, 1]
   settings: ensemble.Settings  # sampler label, ensemble size, fusion, threshold
   nfe: int  # network evaluations per image, all members together
@@ -106,9 +106,14 @@ def _schedule(config, directory: str, name: str, pre: bool) -> dict:
               checkpoint_every_steps=config.train.checkpoint_every_steps)
 
 
-def _jit_step(step, runtime: Runtime):
-  return jax.jit(step, in_shardings=(runtime.replicated, runtime.batch_sharding, runtime.replicated),
-                 out_shardings=(runtime.replicated, runtime.replicated), donate_argnums=(0,))
+def _jit_step(step, runtime: Runtime, schedule: np.ndarray):
+  """(state, batch, rng) -> (state, metrics): `step` jitted over the mesh with the learning-rate schedule
+  (schedules.schedule_args) as an argument, so that run length and rate are not compiled in."""
+  jitted = jax.jit(step, in_shardings=(runtime.replicated, runtime.batch_sharding, runtime.replicated,
+                                       runtime.replicated),
+                   out_shardings=(runtime.replicated, runtime.replicated), donate_argnums=(0,))
+  schedule = jnp.asarray(schedule)
+  return lambda state, batch, rng: jitted(state, batch, rng, schedule)
 
 
 def with_external_encoder(params, config):
@@ -126,13 +131,13 @@ def segmenter_phase(config: ml_collections.ConfigDict, workdir: str, runtime: Ru
   segmenter = pretrain.build_segmenter(config)
   optimizer = pretrain.make_optimizer(config)
   init_rng = _init_rng(config, 0)
-  def step(state, batch, base_rng):
+  def step(state, batch, base_rng, schedule):
     del base_rng  # the segmenter's step is deterministic given the batch
 
     def loss_fn(params):
       return pretrain.segmentation_loss(segmenter.apply(params, batch['image'], train=True), batch['mask'])
     return train_state.apply_gradients(state, jax.value_and_grad(loss_fn, has_aux=True)(state.params),
-                                       optimizer, config)
+                                       optimizer, config, schedule)
 
   def members(params, images, keys):
     del keys  # deterministic
@@ -142,7 +147,8 @@ def segmenter_phase(config: ml_collections.ConfigDict, workdir: str, runtime: Ru
   return Phase(**_schedule(config, os.path.join(workdir, 'pretrain'), 'pretrain', True),
                init_params=lambda: pretrain.init_params(segmenter, config, init_rng),
                start=functools.partial(with_external_encoder, config=config), optimizer=optimizer,
-               step_fn=_jit_step(step, runtime), members=members, settings=settings, nfe=1)
+               step_fn=_jit_step(step, runtime, pretrain.schedule_args(config)), members=members,
+               settings=settings, nfe=1)
 
 
 def diffusion_parts(config: ml_collections.ConfigDict, process: diffusion.StagedDiffusion):
@@ -182,7 +188,8 @@ def diffusion_phase(config: ml_collections.ConfigDict, workdir: str, runtime: Ru
   members, nfe = diffusion_members(model, process, settings)
   return Phase(**_schedule(config, workdir, 'diffusion', False),
                init_params=lambda: train_state.init_params(model, config, init_rng), start=start,
-               optimizer=optimizer, step_fn=_jit_step(step, runtime), members=members, settings=settings, nfe=nfe)
+               optimizer=optimizer, step_fn=_jit_step(step, runtime, train_state.schedule_args(config)),
+               members=members, settings=settings, nfe=nfe)
 
 
 def load_external_segmenter(config: ml_collections.ConfigDict, runtime: Runtime, phase: Phase):

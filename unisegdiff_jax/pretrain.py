@@ -25,10 +25,15 @@ def build_segmenter(config: ml_collections.ConfigDict):
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  pre = config.pretrain
-  schedule = schedules.warmup_cosine(pre.learning_rate, pre.warmup_steps, pre.num_steps)
+  """Clipping + AdamW at unit rate; the step applies `schedule_args(config)`."""
   return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm),
-                     optax.adamw(schedule, weight_decay=pre.weight_decay))
+                     optax.adamw(schedules.unit_rate, weight_decay=config.pretrain.weight_decay))
+
+
+def schedule_args(config: ml_collections.ConfigDict):
+  """Phase 0's learning-rate schedule, as its train step's `schedule` argument."""
+  pre = config.pretrain
+  return schedules.schedule_args(pre.learning_rate, pre.warmup_steps, pre.num_steps)
 
 
 def init_params(segmenter, config: ml_collections.ConfigDict, rng: jax.Array):

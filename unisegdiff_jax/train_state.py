@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from unisegdiff_jax import checkpointing
@@ -35,10 +36,10 @@ class TrainState:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, pretrained_names=()) -> optax.GradientTransformation:
-  """Clipping + AdamW with warm-up and cosine decay; pre-trained top-level subtrees (phase 1) are frozen
-  (`config.pretrain.encoder_mode='frozen'`) or fine-tuned at `finetune_lr_multiplier` times the rate."""
-  schedule = schedules.warmup_cosine(config.optim.learning_rate, config.optim.warmup_steps,
-                                     config.train.num_steps)
+  """Clipping + AdamW at unit rate (the step applies the warm-up / cosine schedule, `schedule_args`);
+  pre-trained top-level subtrees (phase 1) are frozen (`config.pretrain.encoder_mode='frozen'`) or fine-tuned
+  at `finetune_lr_multiplier` times the rate."""
+  schedule = schedules.unit_rate
   adamw = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
   if pretrained_names:
     if config.pretrain.encoder_mode == 'frozen':
@@ -54,6 +55,11 @@ def make_optimizer(config: ml_collections.ConfigDict, pretrained_names=()) -> op
 
     adamw = optax.multi_transform({'train': adamw, 'pretrained': pretrained_tx}, labels)
   return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), adamw)
+
+
+def schedule_args(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The diffusion phase's learning-rate schedule, as the train step's `schedule` argument."""
+  return schedules.schedule_args(config.optim.learning_rate, config.optim.warmup_steps, config.train.num_steps)
 
 
 def init_params(model, config: ml_collections.ConfigDict, rng: jax.Array):
@@ -73,10 +79,13 @@ def create_train_state(model, config: ml_collections.ConfigDict, optimizer, rng:
   return new_state(init_params(model, config, rng), optimizer)
 
 
-def apply_gradients(state: TrainState, loss_and_grads, optimizer, config: ml_collections.ConfigDict):
-  """((loss, metrics), grads) -> (new state, metrics + grad_norm + finite); EMA with warm-up."""
+def apply_gradients(state: TrainState, loss_and_grads, optimizer, config: ml_collections.ConfigDict, schedule):
+  """((loss, metrics), grads) -> (new state, metrics + grad_norm + finite); the optimiser's (unit-rate)
+  update scaled by the learning rate of `schedule` (schedules.schedule_args) at this step; EMA with warm-up."""
   (loss, metrics), grads = loss_and_grads
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  rate = schedules.learning_rate(state.step, schedule)
+  updates = jax.tree_util.tree_map(lambda u: (rate * u).astype(u.dtype), updates)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1
   decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
@@ -108,9 +117,9 @@ def check_finite(fetched: list[dict], step: int, phase_name: str, config: ml_col
   return fetched
 
 
-def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model, optimizer,
+def train_step(state: TrainState, batch: dict, base_rng: jax.Array, schedule: jax.Array, *, model, optimizer,
                process: diffusion.StagedDiffusion, config: ml_collections.ConfigDict):
-  """One diffusion optimiser step on a (sharded) global batch."""
+  """One diffusion optimiser step on a (sharded) global batch; `schedule`: `schedule_args(config)`."""
   rng = jax.random.fold_in(base_rng, state.step)
   loss_rng, dropout_rng = jax.random.split(rng)
 
@@ -125,4 +134,5 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model, op
                               aux_weight=config.loss.aux_weight, aux_max_t=config.loss.aux_max_t,
                               self_condition=config.model.self_condition, recycling=config.train.recycling)
 
-  return apply_gradients(state, jax.value_and_grad(loss_fn, has_aux=True)(state.params), optimizer, config)
+  return apply_gradients(state, jax.value_and_grad(loss_fn, has_aux=True)(state.params), optimizer, config,
+                         schedule)
