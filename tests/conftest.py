@@ -10,6 +10,32 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
+# XLA:CPU compile options for the tests (and their main.py subprocesses, through XLA_FLAGS): the classic
+# emitters instead of the fusion emitters and one LLVM module per program. On the 2-core machine they halve the
+# smoke train step's compile (9.7-10.1 s -> 4.6-5.1 s) and run it faster (0.24 -> 0.17 s), same loss.
+FAST_COMPILE_XLA_FLAGS = ('--xla_cpu_use_fusion_emitters=false', '--xla_cpu_parallel_codegen_split_count=1')
+
+
+def xla_flags(*extra: str) -> str:
+  """XLA_FLAGS for a test's subprocess: this session's flags plus `extra` (e.g. a forced device count)."""
+  return ' '.join([os.environ.get('XLA_FLAGS', ''), *extra]).strip()
+
+
+def _use_fast_compile_flags() -> None:
+  """Adds FAST_COMPILE_XLA_FLAGS to XLA_FLAGS once (xdist workers inherit it) if this jaxlib accepts them (an
+  unknown XLA flag aborts the process, so a one-line subprocess checks first). Not with
+  JAX_DISABLE_MOST_OPTIMIZATIONS=0 (the tests then compile as production does)."""
+  if (FAST_COMPILE_XLA_FLAGS[0] in os.environ.get('XLA_FLAGS', '')
+      or os.environ.get('JAX_DISABLE_MOST_OPTIMIZATIONS') == '0'):
+    return
+  import subprocess  # pylint: disable=g-import-not-at-top
+  flags = xla_flags(*FAST_COMPILE_XLA_FLAGS)
+  probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], capture_output=True,
+                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu'), timeout=120)
+  if probe.returncode == 0:
+    os.environ['XLA_FLAGS'] = flags
+
+
 def pytest_configure(config):
   """The persistent compilation cache main.py uses, so tests and their main.py subprocesses share programs.
 
@@ -19,6 +45,7 @@ def pytest_configure(config):
   same way. JAX_DISABLE_MOST_OPTIMIZATIONS=0 in the environment turns them back on.
   """
   del config
+  _use_fast_compile_flags()  # before anything initialises XLA in this process
   os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_disable_most_optimizations', os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1')

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.conftest import xla_flags
 
 
 def _main(*args, env=None, timeout=600):
@@ -72,7 +73,7 @@ def test_eval_mode_evaluates_a_chosen_checkpoint(smoke_run):
     ('--config.train.global_batch_sise=8', None, 'global_batch_sise'),
     ("--config.diffusion.stages=500:1000 x0; 0:400 eps", None, 'gap [400, 500)'),
     ('--config.data.image_size=33', None, 'cannot be halved'),
-    ('--config.train.global_batch_size=12', {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+    ('--config.train.global_batch_size=12', {'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=8')},
      'not divisible by the 8 devices'),
 ])
 def test_bad_input_gets_one_line(tmp_path, tiny_data_dir, override, env, message):
@@ -92,10 +93,12 @@ def test_missing_dataset_names_the_build_command(tmp_path):
 
 
 def test_a_finished_phase0_can_be_reused_by_another_run(smoke_run, tmp_path):
+  """A shorter phase 1 than the smoke run's (run length is not compiled in: the smoke run's programs serve)."""
   workdir, args, _ = smoke_run
   other = str(tmp_path / 'reuse')
   out = _main('--config=configs/synthetic.py:smoke', f'--workdir={other}', args[2],
-              f'--config.pretrain.checkpoint={workdir}')
+              f'--config.pretrain.checkpoint={workdir}', '--config.train.num_steps=4',
+              '--config.train.eval_every_steps=4', '--config.train.checkpoint_every_steps=4')
   assert out.returncode == 0, out.stderr[-4000:]
   assert f'Using the pre-trained encoder of {os.path.join(workdir, "pretrain", "checkpoints")}' in out.stdout
   assert not os.path.exists(os.path.join(other, 'pretrain', 'checkpoints'))  # phase 0 was not rerun

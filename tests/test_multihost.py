@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tests import test_reliability as rel
+from tests.conftest import xla_flags
 from unisegdiff_jax import checkpointing
 
 # Phase 1 only (phase 0 runs the same loop and engine; its summary is not compared below), short; eval small.
@@ -34,7 +35,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, process: int | None = None, port: int | None = None) -> dict:
-  env = dict(rel._env(), XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')  # pylint: disable=protected-access
+  env = dict(rel._env(), XLA_FLAGS=xla_flags(f'--xla_force_host_platform_device_count={devices}'))  # pylint: disable=protected-access
   for key in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(key, None)
   if process is not None:

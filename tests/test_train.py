@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.conftest import xla_flags
 from unisegdiff_jax import checkpointing
 from unisegdiff_jax import diffusion
 from unisegdiff_jax import input_pipeline
@@ -204,7 +205,7 @@ print(json.dumps(results))
 def test_one_and_eight_devices_give_the_same_loss():
   """The same three steps from the same state on a 1-device and an 8-device mesh (one process with 8 forced
   CPU devices, so the initial state is computed once)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'), JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _DEVICE_SCRIPT.format(root=ROOT)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
