@@ -15,12 +15,12 @@
 # Everything is an environment variable, so the same script runs here on CPU at a tiny size (the test):
 #   CONFIG (configs/polyp.py)  PACKS (devpack/packs256)  DTYPES ("float32 bfloat16")
 #   BENCH_ONLY (train,inference,flops,memory)  BENCH_STEPS (10)  BENCH_DDIM (100)  PRE_STEPS (300)  TRAIN_STEPS (600)
-#   RUN_ARGS (extra --config.* flags for the short run)
+#   BENCH_ARGS (extra --config.* flags for the benchmark)  RUN_ARGS (extra --config.* flags for the short run)
 set -u -o pipefail
 OUT=${OUT:-/tmp/device_bench}; PY=${PY:-python3}
 CONFIG=${CONFIG:-configs/polyp.py}; PACKS=${PACKS:-devpack/packs256}; DTYPES=${DTYPES:-float32 bfloat16}
 BENCH_ONLY=${BENCH_ONLY:-train,inference,flops,memory}; BENCH_STEPS=${BENCH_STEPS:-10}; BENCH_DDIM=${BENCH_DDIM:-100}
-PRE_STEPS=${PRE_STEPS:-300}; TRAIN_STEPS=${TRAIN_STEPS:-600}; RUN_ARGS=${RUN_ARGS:-}
+PRE_STEPS=${PRE_STEPS:-300}; TRAIN_STEPS=${TRAIN_STEPS:-600}; BENCH_ARGS=${BENCH_ARGS:-}; RUN_ARGS=${RUN_ARGS:-}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 source benchmarks/devpack_env.sh  # wheels, environment, HW
@@ -30,7 +30,7 @@ for dtype in $DTYPES; do
   echo "== benchmark, $dtype"
   "$PY" -m benchmarks.run --config="$CONFIG" --config.data.pack_dir="$PACKS" --config.model.dtype="$dtype" \
     --only="$BENCH_ONLY" --steps="$BENCH_STEPS" --ddim_steps="$BENCH_DDIM" \
-    --out="$OUT/bench_$dtype.jsonl" || status=1
+    --out="$OUT/bench_$dtype.jsonl" $BENCH_ARGS || status=1
 done
 echo "== short training + test evaluation ($PRE_STEPS + $TRAIN_STEPS steps)"
 RUN_DIR=$(mktemp -d /tmp/device_run.XXXXXX)  # its own folder: two copies of the script never share one

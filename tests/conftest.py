@@ -53,6 +53,17 @@ def pytest_configure(config):
   host.use_compilation_cache(min_compile_time_secs=1.0)
 
 
+# Files by measured duration, longest first (the rest keep their order after them): with two workers taking a
+# file at a time, the long ones start early and the short ones fill in at the end.
+_LONGEST_FIRST = ('test_reliability.py', 'test_main.py', 'test_train.py', 'test_multihost.py', 'test_benchmarks.py',
+                  'test_pretrain.py', 'test_attention.py', 'test_losses_and_models.py', 'test_predict.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: order kept
+
+
 def random_params(shapes, scale: float = 0.2):
   """Normal(0, scale) arrays of an abstract parameter tree (from jax.eval_shape: no init compile, and the
   zero-initialised output layers are live); the same values for the same tree every time."""

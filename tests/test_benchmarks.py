@@ -24,7 +24,7 @@ def bench(tiny_data_dir, tmp_path_factory):
   out = root / 'out'
   env = dict(os.environ, JAX_PLATFORMS='cpu', OUT=str(out), CONFIG='configs/synthetic.py:smoke',
              PACKS=str(root / 'packs'), DTYPES='float32', BENCH_ONLY='train,inference,flops', BENCH_STEPS='1',
-             BENCH_DDIM='10', PRE_STEPS='2', TRAIN_STEPS='4',
+             BENCH_DDIM='10', BENCH_ARGS='--config.sampling.batch_size=2', PRE_STEPS='2', TRAIN_STEPS='4',
              RUN_ARGS='--config.pretrain.enabled=False')  # the short run: phase 1 only (the loop is the same)
   done = subprocess.run(['bash', 'benchmarks/device.sh'], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900)

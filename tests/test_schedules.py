@@ -24,7 +24,7 @@ def test_rates_match_optax(peak, warmup, num_steps):
   counts = np.arange(0, num_steps + 3)
   ours = jax.jit(jax.vmap(schedules.learning_rate, in_axes=(0, None)))(counts, schedules.schedule_args(
       peak, warmup, num_steps))
-  reference = np.asarray([_optax_schedule(peak, warmup, num_steps)(c) for c in counts])
+  reference = np.asarray(_optax_schedule(peak, warmup, num_steps)(jnp.asarray(counts)))
   np.testing.assert_allclose(np.asarray(ours), reference, rtol=2e-5, atol=1e-10)
 
 

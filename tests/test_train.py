@@ -28,9 +28,12 @@ _SETUPS = {}
 
 
 def _setup(config):
-  """(process, model, optimizer, initial state, jitted step) for a config, built once per distinct config (and
-  fault injection) in this module, so tests that share a config share its compiled programs."""
-  key = (config.to_json_best_effort(sort_keys=True), train_state.apply_gradients)
+  """(process, model, optimizer, initial state, step) for a config. The jitted step and initial state are built
+  once per config up to its learning-rate schedule (and fault injection) in this module, so tests that share a
+  model share its compiled program; `step` binds this config's schedule."""
+  schedule_free = copy.deepcopy(config)
+  schedule_free.optim.learning_rate, schedule_free.optim.warmup_steps, schedule_free.train.num_steps = 0.0, 0, 0
+  key = (schedule_free.to_json_best_effort(sort_keys=True), train_state.apply_gradients)
   if key not in _SETUPS:
     config = copy.deepcopy(config)  # the tests go on to mutate theirs
     process = train.validate_config(config)
@@ -39,9 +42,10 @@ def _setup(config):
     state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r))(jax.random.PRNGKey(0))
     jitted = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer,
                                        process=process, config=config))
-    step = functools.partial(jitted, schedule=jnp.asarray(train_state.schedule_args(config)))
-    _SETUPS[key] = process, model, optimizer, state, step
-  return _SETUPS[key]
+    _SETUPS[key] = process, model, optimizer, state, jitted
+  process, model, optimizer, state, jitted = _SETUPS[key]
+  return process, model, optimizer, state, functools.partial(jitted, schedule=jnp.asarray(
+      train_state.schedule_args(config)))
 
 
 def _fixed_batch(config, seed=0):
