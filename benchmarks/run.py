@@ -42,7 +42,6 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any
 
 from absl import app
 from absl import flags
@@ -137,22 +136,9 @@ def _random_batch(config, batch: int) -> dict:
 # Train step.
 
 
-@dataclasses.dataclass
-class _Bound:
-  """A jitted train step with its schedule argument bound: called and lowered with (state, batch, rng)."""
-  jitted: Any
-  schedule: Any
-
-  def __call__(self, state, batch, rng):
-    return self.jitted(state, batch, rng, self.schedule)
-
-  def lower(self, state, batch, rng):
-    return self.jitted.lower(state, batch, rng, self.schedule)
-
-
 def _train_setup(config, devices):
   """(make_jit, state, batch, rng, batch_sharding) for the diffusion train step on a Mesh of `devices`; the
-  jitted step takes (state, batch, rng) (the run's learning-rate schedule bound, as in phases)."""
+  jitted step takes (state, batch, rng) (phases.jit_step: the run's learning-rate schedule bound)."""
   process = config_checks.validate_config(config, num_devices=len(devices))
   model, optimizer, _ = phases.diffusion_parts(config, process)
   mesh = Mesh(np.asarray(devices), ('data',))
@@ -162,11 +148,9 @@ def _train_setup(config, devices):
   state = jax.jit(lambda r: train_state.create_train_state(model, config, optimizer, r), out_shardings=replicated)(rng)
 
   def make_jit():  # a fresh jit object each time: its own in-memory compilation cache
-    jitted = jax.jit(functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
-                                       config=config),
-                     in_shardings=(replicated, batch_sharding, replicated, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=(0,))
-    return _Bound(jitted, jnp.asarray(train_state.schedule_args(config)))
+    step = functools.partial(train_state.train_step, model=model, optimizer=optimizer, process=process,
+                             config=config)
+    return phases.jit_step(step, replicated, batch_sharding, train_state.schedule_args(config))
 
   batch = jax.device_put(_random_batch(config, config.train.global_batch_size), batch_sharding)
   return make_jit, state, batch, jax.device_put(rng, replicated), batch_sharding

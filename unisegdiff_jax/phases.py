@@ -63,7 +63,7 @@ class Phase:
   init_params: Callable[[], Any]  # jit-able random initialisation (no weights baked in as constants)
   start: Callable[[Any], Any]  # params -> params with pre-trained / external weights put in (eager)
   optimizer: Any
-  step_fn: Callable  # (state, batch, rng) -> (state, metrics): the jitted step, this run's schedule bound
+  step_fn: Callable  # (state, batch, rng) -> (state, metrics): a BoundStep (this run's schedule bound)
   members: Callable  # (params, images, per-image keys [B, 2]) -> member probabilities [K, B, S, S, 1]
   settings: ensemble.Settings  # sampler label, ensemble size, fusion, threshold
   nfe: int  # network evaluations per image, all members together
@@ -106,14 +106,30 @@ def _schedule(config, directory: str, name: str, pre: bool) -> dict:
               checkpoint_every_steps=config.train.checkpoint_every_steps)
 
 
-def _jit_step(step, runtime: Runtime, schedule: np.ndarray):
-  """(state, batch, rng) -> (state, metrics): `step` jitted over the mesh with the learning-rate schedule
-  (schedules.schedule_args) as an argument, so that run length and rate are not compiled in."""
-  jitted = jax.jit(step, in_shardings=(runtime.replicated, runtime.batch_sharding, runtime.replicated,
-                                       runtime.replicated),
-                   out_shardings=(runtime.replicated, runtime.replicated), donate_argnums=(0,))
-  schedule = jnp.asarray(schedule)
-  return lambda state, batch, rng: jitted(state, batch, rng, schedule)
+@dataclasses.dataclass
+class BoundStep:
+  """A jitted train step (state, batch, rng, schedule) with its run's learning-rate schedule bound: called and
+  lowered with (state, batch, rng)."""
+  jitted: Any
+  schedule: jax.Array
+
+  def __call__(self, state, batch, rng):
+    return self.jitted(state, batch, rng, self.schedule)
+
+  def lower(self, state, batch, rng):
+    return self.jitted.lower(state, batch, rng, self.schedule)
+
+
+def jit_step(step, replicated: NamedSharding, batch_sharding: NamedSharding, schedule: np.ndarray) -> BoundStep:
+  """`step` jitted over the mesh (state donated) with the learning-rate schedule (schedules.schedule_args) as
+  an argument, so that run length and rate are not compiled in."""
+  jitted = jax.jit(step, in_shardings=(replicated, batch_sharding, replicated, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return BoundStep(jitted, jnp.asarray(schedule))
+
+
+def _jit_step(step, runtime: Runtime, schedule: np.ndarray) -> BoundStep:
+  return jit_step(step, runtime.replicated, runtime.batch_sharding, schedule)
 
 
 def with_external_encoder(params, config):
