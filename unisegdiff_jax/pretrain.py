@@ -15,6 +15,7 @@ import optax
 
 from unisegdiff_jax import losses
 from unisegdiff_jax import schedules
+from unisegdiff_jax import train_state
 from unisegdiff_jax.models import denoiser as denoiser_lib
 
 ENCODER_MODES = ('frozen', 'finetune')
@@ -24,10 +25,11 @@ def build_segmenter(config: ml_collections.ConfigDict):
   return denoiser_lib.build_segmenter(config.model, config.pretrain.decoder_width)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Clipping + AdamW at unit rate; the step applies `schedule_args(config)`."""
-  return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm),
-                     optax.adamw(schedules.unit_rate, weight_decay=config.pretrain.weight_decay))
+def make_optimizer(config: ml_collections.ConfigDict):
+  """Clipping + AdamW at unit rate on the packed parameters; the step applies `schedule_args(config)`."""
+  return train_state.PackedOptimizer(optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm),
+                                                 optax.adamw(schedules.unit_rate,
+                                                             weight_decay=config.pretrain.weight_decay)))
 
 
 def schedule_args(config: ml_collections.ConfigDict):
