@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -136,16 +137,12 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
                                            f'--ensemble_sizes={sweeps.BUDGET_ENSEMBLES}'],
                      workdir, os.path.join(results, key), (key,), kind='budget_val'))
     if name == 'budget':
-      for ds_name in sweep.datasets:
-        if datasets_filter and ds_name not in datasets_filter:
-          continue
-        for seed in seeds:
-          key = f'{ds_name}/default/seed{seed}'
-          if key not in tasks:
-            continue
-          vals = tuple(f'{ds_name}/default/seed{s}/budget_val' for s in seeds)
-          base = tasks[key].command
-          add(Task(key + '/budget_test', base, tasks[key].workdir, tasks[key].results, vals, kind='budget_test'))
+      for (_, arm_name), ds_name, seed in itertools.product(sweep.arms, sweep.datasets, seeds):
+        key = f'{ds_name}/{arm_name}/seed{seed}'
+        if key in tasks:
+          vals = tuple(f'{ds_name}/{arm_name}/seed{s}/budget_val' for s in seeds)
+          add(Task(key + '/budget_test', tasks[key].command, tasks[key].workdir, tasks[key].results, vals,
+                   kind='budget_test'))
   return list(tasks.values())
 
 

@@ -105,9 +105,10 @@ SWEEPS = {
                       ('unified, equal total compute', 'unified_equal_compute')), 'three_stage',
                      UNIFIED_MEMBERS + ('unified',)),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
-                    (('default config', 'default'),), 'segmenter', _DECIDE),
+                    (('default config', 'default'), ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
+                    _DECIDE),
 }
 
-# The budget sweep: every setting evaluated on the validation split of the `default` arm's checkpoint.
+# The budget sweep: every setting evaluated on the validation split of each arm's checkpoint.
 BUDGET_SETTINGS = 'staged,ddim:1,ddim:2,ddim:5,ddim:10,ddim:25,ddpm:10'
 BUDGET_ENSEMBLES = '1,3,5'

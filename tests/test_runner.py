@@ -132,11 +132,14 @@ def test_phase0_results_without_a_checkpoint_are_retrained_for_the_arms_but_kept
 def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
   make, tmp_path = fake
   assert run_lib.Runner(make(['budget']), 1, None, 'test').run() == 0
-  for seed in (0, 1):
-    kept = tmp_path / 'results' / 'synthetic' / 'default' / f'seed{seed}' / 'budget_test'
-    assert os.listdir(kept) == ['ddim5_x3']  # best mean validation Dice (0.6 + 0.01 * seed)
+  arms = [arm for _, arm in sweeps.SWEEPS['budget'].arms]
+  assert len(arms) >= 2
+  for arm in arms:  # each arm's own choice, on its own validation runs
+    for seed in (0, 1):
+      kept = tmp_path / 'results' / 'synthetic' / arm / f'seed{seed}' / 'budget_test'
+      assert os.listdir(kept) == ['ddim5_x3']  # best mean validation Dice (0.6 + 0.01 * seed)
   evals = [c for c in _calls(tmp_path) if c.startswith('eval ')]
-  assert len(evals) == 2
+  assert sorted(e.rsplit('/', 2)[-2] for e in evals) == sorted(arms * 2)  # the test split once per arm and seed
 
 
 def test_choose_budget_needs_every_seed(tmp_path):
