@@ -6,7 +6,8 @@ Prints one JSON line per measurement to stdout (everything else goes to stderr) 
 Nothing here asserts a time. A measurement that fails prints a line with "error" (value null); the others
 still run and the exit status is 1.
 
-  train      compile time (`lower().compile()` of a fresh jit, and the first call of another one, each with
+  train      compile time (`trace().lower().compile()` of a fresh jit, with the trace and lowering seconds and
+             the step's number of jaxpr equations, and the first call of another one, each with
              "cache_hit": whether the persistent compilation cache served it; --nocompilation_cache for cold
              numbers), median seconds per step and images/s over --steps steps after 2 warm-up steps, FLOPs
              per step (XLA cost analysis of the compiled, per-device program), on a GPU/TPU achieved FLOP/s
@@ -217,11 +218,13 @@ def bench_train(config) -> None:
   b = config.train.global_batch_size
   common = {'global_batch': b, 'image_size': config.data.image_size}
   hits, t0 = _CACHE_HITS[0], time.perf_counter()
-  lowered = make_jit().lower(state, batch, rng)
+  traced = make_jit().trace(state, batch, rng)
+  t_trace = time.perf_counter()
+  lowered = traced.lower()
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  _emit('train/compile_s', time.perf_counter() - t1, 's', lower_s=t1 - t0, cache_hit=_CACHE_HITS[0] > hits,
-        **common)
+  _emit('train/compile_s', time.perf_counter() - t1, 's', trace_s=t_trace - t0, lower_s=t1 - t_trace,
+        jaxpr_eqns=len(traced.jaxpr.eqns), cache_hit=_CACHE_HITS[0] > hits, **common)
   jitted, hits, t0 = make_jit(), _CACHE_HITS[0], time.perf_counter()
   state, _ = jax.block_until_ready(jitted(state, batch, rng))
   _emit('train/first_call_s', time.perf_counter() - t0, 's', cache_hit=_CACHE_HITS[0] > hits, **common)

@@ -108,13 +108,16 @@ def _schedule(config, directory: str, name: str, pre: bool) -> dict:
 
 @dataclasses.dataclass
 class BoundStep:
-  """A jitted train step (state, batch, rng, schedule) with its run's learning-rate schedule bound: called and
-  lowered with (state, batch, rng)."""
+  """A jitted train step (state, batch, rng, schedule) with its run's learning-rate schedule bound: called,
+  traced and lowered with (state, batch, rng)."""
   jitted: Any
   schedule: jax.Array
 
   def __call__(self, state, batch, rng):
     return self.jitted(state, batch, rng, self.schedule)
+
+  def trace(self, state, batch, rng):
+    return self.jitted.trace(state, batch, rng, self.schedule)
 
   def lower(self, state, batch, rng):
     return self.jitted.lower(state, batch, rng, self.schedule)
