@@ -24,6 +24,7 @@ from experiments import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEGMENTER = 'segmenter'
+PHASE0_CASES = 'phase0_per_case.csv'  # experiments.run: the test rows of the phase 0 a run started from
 NOT_REAL = ('synthetic', 'unified')  # directories left out of "all real sets"
 ALL_REAL = 'all real sets'
 MARGIN = 1.0  # Dice points: the equivalence margin of 'no difference'
@@ -35,10 +36,16 @@ HYGIENE = (
     'Checkpoints are chosen by validation Dice, the sampler budget on the validation split; the test split is '
     'evaluated once per arm. The unit is the test image, its Dice averaged over seeds. Intervals are 95 % paired '
     'bootstrap intervals ({n} resamples, stratified by dataset for cross-dataset means); p-values are Wilcoxon '
-    'signed-rank, Holm-corrected within a sweep and dataset. A difference is called only if the 95 % interval '
+    'signed-rank, Holm-corrected within a sweep and dataset. "vs segmenter (phase 0)" pairs each run with the '
+    'phase-0 segmenter it was trained from (its phase0_per_case.csv; the "vs Dice %" column is theirs), or, for '
+    'runs that did not record it, with the segmenter arm\'s run of the same seed. A difference is called only if the 95 % interval '
     'excludes 0 and every one of at least two shared seeds agrees; "no difference" only when the 90 % '
     'interval lies inside ±{m:g} Dice point; '
     'otherwise "undecided". Failure = Dice < 0.5 on the seed-averaged image; miss = a lesion with Dice 0.')
+
+
+def _scores(cases: list[dict]) -> stats.Scores:
+  return {(c['dataset'], c['case_id']): float(c['dice']) for c in cases}
 
 
 @dataclasses.dataclass
@@ -50,9 +57,13 @@ class Run:
   curve: list[tuple[int, float]]
   record: dict  # run.json, {} when absent
   dataset: str
+  phase0: list[dict] = dataclasses.field(default_factory=list)  # per-case test rows of the phase 0 it started from
 
   def scores(self) -> stats.Scores:
-    return {(c['dataset'], c['case_id']): float(c['dice']) for c in self.cases}
+    return _scores(self.cases)
+
+  def phase0_scores(self) -> stats.Scores:
+    return _scores(self.phase0)
 
   def dice(self) -> float:
     """The dataset Dice of summary.json (the mean of the per-case rows where it has none)."""
@@ -87,13 +98,16 @@ def seed_dirs(path: str) -> dict[int, str]:
   return dict(sorted(found.items()))
 
 
-def read_run(directory: str, seed: int, dataset: str, only: str | None = None) -> Run | None:
+def read_run(directory: str, seed: int, dataset: str, only: str | None = None,
+             phase0_dir: str | None = None) -> Run | None:
+  """One run's outputs; its own phase 0's test rows come from PHASE0_CASES in `phase0_dir` (default: the run's)."""
   summary, cases = _json(os.path.join(directory, 'summary.json')), _csv(os.path.join(directory, 'per_case.csv'))
   cases = [c for c in cases if only is None or c['dataset'] == only]
   if summary is None or not cases:
     return None
   curve = [(int(float(r['step'])), float(r['val_dice'])) for r in _csv(os.path.join(directory, 'curve.csv'))]
-  return Run(seed, summary, cases, curve, _json(os.path.join(directory, 'run.json')) or {}, only or dataset)
+  phase0 = [c for c in _csv(os.path.join(phase0_dir or directory, PHASE0_CASES)) if only is None or c['dataset'] == only]
+  return Run(seed, summary, cases, curve, _json(os.path.join(directory, 'run.json')) or {}, only or dataset, phase0)
 
 
 def load_arm(results: str, dataset: str, arm: str, from_unified: bool = False) -> dict[int, Run]:
@@ -109,22 +123,36 @@ def scores(runs: Mapping[int, Run]) -> stats.Arm:
   return {s: r.scores() for s, r in runs.items()}
 
 
-def combine(per_dataset: Mapping[str, Mapping[int, Run]]) -> stats.Arm:
-  """An arm's scores over its datasets on the seeds it has in all of them; {} with fewer than 2 datasets."""
+def own_phase0(runs: Mapping[int, Run]) -> stats.Arm | None:
+  """{seed: scores of the phase 0 each run started from}, or None unless every run recorded it."""
+  return {s: r.phase0_scores() for s, r in runs.items()} if runs and all(r.phase0 for r in runs.values()) else None
+
+
+def combine(per_dataset: Mapping[str, Mapping[int, Run]], phase0: bool = False) -> stats.Arm | None:
+  """An arm's scores over its datasets on the seeds it has in all of them; {} with fewer than 2 datasets.
+  With `phase0`, the scores of the runs' own phase 0 (None unless every run recorded it)."""
   present = [runs for runs in per_dataset.values() if runs]
   if len(present) < 2:
     return {}
   seeds = sorted(set.intersection(*(set(runs) for runs in present)))
-  return {s: {k: v for runs in present for k, v in runs[s].scores().items()} for s in seeds}
+  if phase0 and not all(runs[s].phase0 for runs in present for s in seeds):
+    return None
+  get = (lambda run: run.phase0_scores()) if phase0 else (lambda run: run.scores())
+  return {s: {k: v for runs in present for k, v in get(runs[s]).items()} for s in seeds}
 
 
-def compare_rows(arms: Mapping[str, stats.Arm], pairs, n_resamples: int) -> list[dict]:
-  """stats.compare rows (+ 'a', 'b', 'p_holm' within these rows) for the pairs whose arms both have data."""
+def compare_rows(arms: Mapping[str, stats.Arm], pairs, n_resamples: int,
+                 phase0: Mapping[str, stats.Arm | None] | None = None) -> list[dict]:
+  """stats.compare rows (+ 'a', 'b', 'p_holm' within these rows) for the pairs whose arms both have data.
+  An arm compared with SEGMENTER meets its own phase 0 where `phase0` has it (the segmenter it started
+  from), else the segmenter arm's runs."""
   rows = []
   for a, b in dict.fromkeys(pairs):
-    if arms.get(a) and arms.get(b):
+    reference = (phase0 or {}).get(a) if b == SEGMENTER else None
+    reference = reference or arms.get(b)
+    if arms.get(a) and reference:
       try:
-        rows.append({'a': a, 'b': b, **stats.compare(arms[a], arms[b], n_resamples=n_resamples,
+        rows.append({'a': a, 'b': b, **stats.compare(arms[a], reference, n_resamples=n_resamples,
                                                       margin_points=MARGIN)})
       except ValueError:  # no image in common
         pass
@@ -185,7 +213,7 @@ def read_budget(directory: str, dataset: str) -> tuple[dict[int, dict], dict[str
       vals[seed] = val
     root = os.path.join(path, 'budget_test')
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-      if (run := read_run(os.path.join(root, name), seed, dataset)) is not None:
+      if (run := read_run(os.path.join(root, name), seed, dataset, phase0_dir=path)) is not None:
         tests.setdefault(name, {})[seed] = run
   return vals, tests
 
@@ -382,13 +410,15 @@ class Report:
       shown += [SEGMENTER] if runs[SEGMENTER] and SEGMENTER not in shown else []
       lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected, self.stale.mark(f'{dataset}/{a}', runs[a]))
                              for a in shown] + ['']
-      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n)
+      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
+                          {a: own_phase0(r) for a, r in runs.items()})
       self.computed[sweep.name, dataset] = rows
       self.finding(f'{sweep.name} / {dataset}', sweep, rows, labels, [labels[a] for a in shown if not runs[a]])
       lines += (CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']) + ['']
     real = [d for d in sweep.datasets if d not in NOT_REAL]
     combined = {a: combine({d: self.arm(d, a, sweep) for d in real}) for a in names}
-    rows = compare_rows(combined, sweep_pairs(sweep), self.n)
+    phase0 = {a: combine({d: self.arm(d, a, sweep) for d in real}, phase0=True) for a in names}
+    rows = compare_rows(combined, sweep_pairs(sweep), self.n, phase0)
     if rows:
       self.computed[sweep.name, ALL_REAL] = rows
       self.finding(f'{sweep.name} / {ALL_REAL}', sweep, rows, labels)
@@ -436,7 +466,8 @@ class Report:
         seg = self.arm(dataset, SEGMENTER)
         names = {f'{arm}@{name}': f'{label}, {name} (test)' for name in tests}
         arms = {**{f'{arm}@{n}': scores(r) for n, r in tests.items()}, SEGMENTER: scores(seg)}
-        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n)
+        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n,
+                            {f'{arm}@{n}': own_phase0(r) for n, r in tests.items()})
         labels = {**names, SEGMENTER: 'segmenter (phase 0)'}
         lines += ['', f"Chosen: {', '.join(tests) or '_none tested yet_'}", '']
         if rows:

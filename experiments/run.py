@@ -87,7 +87,8 @@ def _config_flag(dataset: sweeps.Dataset, tokens=()) -> str:
 
 
 def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str],
-         arms_filter=()) -> list[Task]:
+         arms_filter=(), budget_settings: str = sweeps.BUDGET_SETTINGS,
+         budget_ensembles: str = sweeps.BUDGET_ENSEMBLES) -> list[Task]:
   """The tasks of the sweeps in priority order (sweep order, then arm order, then dataset, then seed)."""
   tasks: dict[str, Task] = {}
   main_py = [sys.executable, os.path.join(REPO, 'main.py')]
@@ -105,7 +106,7 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           continue
         dataset = sweeps.DATASETS[ds_name]
         for seed in seeds:
-          overrides = [o for o in dataset.overrides if not (SMOKE and o.startswith('--config.data.datasets='))]
+          overrides = [] if SMOKE else list(dataset.overrides)  # smoke: the profile's own data and steps
           common = [f'--config.seed={seed}', *overrides, *extra]
           phase0_key = f'{ds_name}/segmenter/seed{seed}'
           phase0_dir = os.path.join(root, ds_name, 'phase0', f'seed{seed}')
@@ -133,8 +134,8 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           add(Task(key, command, workdir, os.path.join(results, key), deps))
           if name == 'budget':
             add(Task(key + '/budget_val', [*command[:2], '--mode=sweep', '--split=val', *command[2:],
-                                           f'--sweep={sweeps.BUDGET_SETTINGS}',
-                                           f'--ensemble_sizes={sweeps.BUDGET_ENSEMBLES}'],
+                                           f'--sweep={budget_settings}',
+                                           f'--ensemble_sizes={budget_ensembles}'],
                      workdir, os.path.join(results, key), (key,), kind='budget_val'))
     if name == 'budget':
       for (_, arm_name), ds_name, seed in itertools.product(sweep.arms, sweep.datasets, seeds):
@@ -173,6 +174,19 @@ def _device_of(summary_path: str) -> str:
     return json.load(f).get('device', 'unknown')
 
 
+PHASE0_CASES = 'phase0_per_case.csv'
+
+
+def phase0_cases(task: Task) -> str | None:
+  """The per_case.csv of the phase-0 run a phase-1 task loaded (--config.pretrain.checkpoint), if present."""
+  flag = '--config.pretrain.checkpoint='
+  dirs = [c[len(flag):] for c in task.command if c.startswith(flag)]
+  if task.kind != 'train' or not dirs:
+    return None
+  path = os.path.join(dirs[-1], 'pretrain', 'eval', 'test', 'per_case.csv')
+  return path if os.path.exists(path) else None
+
+
 def collect(task: Task, started: float | None, run_commit: tuple[str, bool], hardware: str,
             wall_seconds: float | None = None) -> None:
   """Copies a finished run's small outputs to its results directory, with run.json."""
@@ -190,6 +204,9 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
   for name in ('summary.json', 'per_case.csv'):
     shutil.copy(os.path.join(eval_dir, name), os.path.join(task.results, name))
   _write_curve(task.workdir, curve_name, os.path.join(task.results, 'curve.csv'))
+  phase0 = phase0_cases(task)
+  if phase0 is not None:  # the test results of the very segmenter this run started from ("its own phase 0")
+    shutil.copy(phase0, os.path.join(task.results, PHASE0_CASES))
   dataset, arm, seed = task.key.split('/')[:3]
   record = {'arm': arm, 'dataset': dataset, 'seed': int(seed[4:]),
             'command': [os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:]],
@@ -371,6 +388,10 @@ def main(argv=None) -> int:
   parser.add_argument('--hardware', default='', help='free text recorded with every run (default: the device kind)')
   parser.add_argument('--seed_datasets', default='',
                       help="per-dataset seed counts, e.g. 'kvasir_seg:2,busi:2' (default: --seeds everywhere)")
+  parser.add_argument('--budget_settings', default=sweeps.BUDGET_SETTINGS,
+                      help='the budget sweep\'s samplers (main.py --sweep), evaluated on the validation split')
+  parser.add_argument('--budget_ensembles', default=sweeps.BUDGET_ENSEMBLES,
+                      help='the budget sweep\'s ensemble sizes (main.py --ensemble_sizes)')
   parser.add_argument('--dry_run', action='store_true', help='print the commands and exit')
   parser.add_argument('--smoke', action='store_true', help='every dataset at its smoke profile (plumbing check)')
   parser.add_argument('--collect_only', action='store_true',
@@ -388,7 +409,7 @@ def main(argv=None) -> int:
   seeds = [int(s) for s in args.seeds.split(',') if s]
   datasets = [d for d in args.datasets.split(',') if d]
   tasks = plan(names, datasets, seeds, os.path.abspath(args.root), os.path.abspath(args.results), extra,
-               [a for a in args.arms.split(',') if a])
+               [a for a in args.arms.split(',') if a], args.budget_settings, args.budget_ensembles)
   if args.seed_datasets:
     limits = {k: int(v) for k, v in (item.split(':') for item in args.seed_datasets.split(','))}
     tasks = [t for t in tasks if int(t.key.split('/')[2][4:]) < limits.get(t.key.split('/')[0], len(seeds))]

@@ -236,3 +236,30 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
   assert row(organs, 'kvasir_seg', 'per-organ diffusion')[2:5] == ['0, 1', str(CASES), f'{100 * kvasir_mean:.1f}']
   assert row(organs, 'busi', 'unified diffusion (unified_equal_steps)')[4] == f"{100 * (np.mean([base_dice('busi', s).mean() for s in range(2)]) + 0.01):.1f}"
   assert row(organs, 'busi', 'per-organ segmenter')[2] == 'not run'
+
+
+def test_vs_segmenter_pairs_each_run_with_its_own_phase0(tmp_path):
+  """Runs that recorded the phase 0 they started from are compared with it, not with the segmenter arm's run
+  (a replicate of the same seed), in the per-dataset, the all-real-sets and the budget tables."""
+  results = str(tmp_path / 'results')
+  for dataset in DATASETS:
+    for seed in range(2):
+      base = base_dice(dataset, seed)
+      directory = write_run(results, dataset, 'eps_only', seed, base)
+      write_run(results, dataset, 'segmenter', seed, base - 0.10)  # another phase-0 replicate: 10 points lower
+      own = os.path.join(str(tmp_path), 'own', dataset, str(seed))
+      _write_eval(own, dataset, base - 0.03)  # the phase 0 this run started from: 3 points lower
+      os.replace(os.path.join(own, 'per_case.csv'), os.path.join(directory, report.PHASE0_CASES))
+      if dataset == 'kvasir_seg':
+        with open(os.path.join(directory, 'budget_val.json'), 'w') as f:
+          json.dump({'rows': [{'sampler': 'ddim:1', 'ensemble_size': 1, 'fusion': 'mean', 'nfe_per_image': 1,
+                               'dice': 0.7, 'seconds_per_image': 0.01}]}, f)
+        _write_eval(os.path.join(directory, 'budget_test', 'ddim1_x1'), dataset, base + 0.01)
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), SWEEPS, n_resamples=200)
+  for title in ('### targets — kvasir_seg', '### targets — all real sets (stratified by dataset)'):
+    cells = row(section(text, title), 'eps only', 'segmenter')
+    assert cells[5] == '+3.0' and cells[6] == '[+3.0, +3.0]', cells
+  kvasir = np.mean([base_dice('kvasir_seg', s) for s in range(2)])
+  assert row(section(text, '### targets — kvasir_seg'), 'eps only', 'segmenter')[4] == f'{100 * (kvasir - 0.03):.1f}'
+  budget = row(section(text, '### Budget (budget): chosen on validation, tested once'), 'default config, ddim1_x1')
+  assert budget[5] == '+4.0', budget

@@ -109,6 +109,10 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   assert record['commit'] == 'abc123' and record['seed'] == 0 and record['hardware'] == 'test'
   assert (results / 'eps_only' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.750000\n'
   assert (results / 'segmenter' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.700000\n'
+  # each phase-1 run keeps the test results of the phase 0 it started from; phase 0 itself has none
+  assert ((results / 'eps_only' / 'seed0' / run_lib.PHASE0_CASES).read_text()
+          == (results / 'segmenter' / 'seed0' / 'per_case.csv').read_text())
+  assert not (results / 'segmenter' / 'seed0' / run_lib.PHASE0_CASES).exists()
   first = len(_calls(tmp_path))
   assert first == 6  # phase 0 + five arms (x0_only once, interrupted)
   # Rerun: finished runs are skipped, the interrupted one runs again and finishes.
@@ -127,6 +131,8 @@ def test_phase0_results_without_a_checkpoint_are_retrained_for_the_arms_but_kept
   assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
   assert [c.split()[0] for c in _calls(tmp_path)] == ['pretrain', 'train']
   assert json.loads((kept / 'summary.json').read_text()) == {'from': 'elsewhere'}
+  own = tmp_path / 'results' / 'synthetic' / 'eps_only' / 'seed0' / run_lib.PHASE0_CASES
+  assert own.read_text() == 'dataset,case_id,dice\nd,a,0.7\nd,b,0.7\n'  # the retrained phase 0 it loaded
 
 
 def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
@@ -149,3 +155,19 @@ def test_choose_budget_needs_every_seed(tmp_path):
               open(tmp_path / str(seed) / 'budget_val.json', 'w'))
   choice = run_lib.choose_budget([str(tmp_path / '0'), str(tmp_path / '1')])
   assert choice['sampler'] == 'ddim:5'  # staged was not evaluated in seed 1
+
+
+def test_budget_grid_flags_reach_the_validation_sweep_only(tmp_path):
+  tasks = run_lib.plan(['budget'], ['synthetic'], [0], str(tmp_path / 'runs'), str(tmp_path / 'results'), [],
+                       budget_settings='staged,ddim:2', budget_ensembles='1,3')
+  vals = [t for t in tasks if t.kind == 'budget_val']
+  assert vals and all('--sweep=staged,ddim:2' in t.command and '--ensemble_sizes=1,3' in t.command for t in vals)
+  assert not any(a.startswith('--sweep=') for t in tasks if t.kind != 'budget_val' for a in t.command)
+
+
+def test_smoke_plan_drops_the_datasets_pinned_data_and_steps(tmp_path, monkeypatch):
+  monkeypatch.setattr(run_lib, 'SMOKE', True)
+  tasks = run_lib.plan(['method'], ['synthetic'], [0], str(tmp_path / 'runs'), str(tmp_path / 'results'), [])
+  assert tasks and all(not a.startswith(('--config.train.num_steps=1000', '--config.data.datasets='))
+                       for t in tasks for a in t.command)
+  assert all(any(a.startswith('--config=') and ':smoke' in a for a in t.command) for t in tasks)
