@@ -88,9 +88,14 @@ def _config_flag(dataset: sweeps.Dataset, tokens=()) -> str:
 
 def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str],
          arms_filter=(), budget_settings: str = sweeps.BUDGET_SETTINGS,
-         budget_ensembles: str = sweeps.BUDGET_ENSEMBLES) -> list[Task]:
-  """The tasks of the sweeps in priority order (sweep order, then arm order, then dataset, then seed)."""
+         budget_ensembles: str = sweeps.BUDGET_ENSEMBLES, seed_limits: dict[str, int] | None = None) -> list[Task]:
+  """The tasks of the sweeps in priority order (sweep order, then arm order, then dataset, then seed);
+  `seed_limits` keeps only seeds below a dataset's limit ({'kvasir_seg': 2})."""
   tasks: dict[str, Task] = {}
+
+  def seeds_of(ds_name: str) -> list[int]:
+    return [s for s in seeds if s < (seed_limits or {}).get(ds_name, s + 1)]
+
   main_py = [sys.executable, os.path.join(REPO, 'main.py')]
 
   def add(task: Task):
@@ -105,7 +110,7 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
         if datasets_filter and ds_name not in datasets_filter:
           continue
         dataset = sweeps.DATASETS[ds_name]
-        for seed in seeds:
+        for seed in seeds_of(ds_name):
           overrides = [] if SMOKE else list(dataset.overrides)  # smoke: the profile's own data and steps
           common = [f'--config.seed={seed}', *overrides, *extra]
           phase0_key = f'{ds_name}/segmenter/seed{seed}'
@@ -140,8 +145,8 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
     if name == 'budget':
       for (_, arm_name), ds_name, seed in itertools.product(sweep.arms, sweep.datasets, seeds):
         key = f'{ds_name}/{arm_name}/seed{seed}'
-        if key in tasks:
-          vals = tuple(f'{ds_name}/{arm_name}/seed{s}/budget_val' for s in seeds)
+        if key in tasks:  # chosen on the validation runs of every seed this dataset runs
+          vals = tuple(f'{ds_name}/{arm_name}/seed{s}/budget_val' for s in seeds_of(ds_name))
           add(Task(key + '/budget_test', tasks[key].command, tasks[key].workdir, tasks[key].results, vals,
                    kind='budget_test'))
   return list(tasks.values())
@@ -309,10 +314,20 @@ class Runner:
     return None
 
   def _run(self, task: Task) -> None:
+    """_attempt, with any error in the runner's own code marking the task failed (not a silent dead thread)."""
+    try:
+      self._attempt(task)
+    except Exception as error:  # pylint: disable=broad-except
+      with self.lock:
+        self.running.pop(task.key, None)
+        task.done, task.failed = False, True
+      print(f'{task.key}: runner error {type(error).__name__}: {error}', flush=True)
+
+  def _attempt(self, task: Task) -> None:
     started = time.time()
     command, label, out = task.command, None, None
     if task.kind == 'budget_test':
-      dirs = [self.by_key[d].results for d in task.deps]
+      dirs = [self.by_key[d].results for d in task.deps]  # KeyError: a seed the plan left out
       command, label, out = budget_test_command(task, choose_budget(dirs))
     os.makedirs(task.workdir, exist_ok=True)
     with open(os.path.join(task.workdir, f'log_{task.kind}.txt'), 'a') as log:
@@ -408,11 +423,10 @@ def main(argv=None) -> int:
   SMOKE = args.smoke
   seeds = [int(s) for s in args.seeds.split(',') if s]
   datasets = [d for d in args.datasets.split(',') if d]
+  limits = {k: int(v) for k, v in (item.split(':') for item in args.seed_datasets.split(','))} \
+      if args.seed_datasets else None
   tasks = plan(names, datasets, seeds, os.path.abspath(args.root), os.path.abspath(args.results), extra,
-               [a for a in args.arms.split(',') if a], args.budget_settings, args.budget_ensembles)
-  if args.seed_datasets:
-    limits = {k: int(v) for k, v in (item.split(':') for item in args.seed_datasets.split(','))}
-    tasks = [t for t in tasks if int(t.key.split('/')[2][4:]) < limits.get(t.key.split('/')[0], len(seeds))]
+               [a for a in args.arms.split(',') if a], args.budget_settings, args.budget_ensembles, limits)
   if args.dry_run:
     for task in tasks:
       state = 'finished' if _finished(task) else 'to run'

@@ -171,3 +171,25 @@ def test_smoke_plan_drops_the_datasets_pinned_data_and_steps(tmp_path, monkeypat
   assert tasks and all(not a.startswith(('--config.train.num_steps=1000', '--config.data.datasets='))
                        for t in tasks for a in t.command)
   assert all(any(a.startswith('--config=') and ':smoke' in a for a in t.command) for t in tasks)
+
+
+def test_seed_limits_shape_the_budget_choice_and_every_test_evaluation_runs(fake, tmp_path):
+  """--seed_datasets: a dataset with fewer seeds chooses its budget on the seeds it ran (a device run once lost
+  every real dataset's test evaluation to a dependency on a seed that was never planned)."""
+  tasks = run_lib.plan(['budget'], ['synthetic', 'kvasir_seg'], [0, 1, 2], str(tmp_path / 'runs'),
+                       str(tmp_path / 'results'), [], seed_limits={'kvasir_seg': 2})
+  keys = {t.key for t in tasks}
+  assert 'kvasir_seg/default/seed2' not in keys and 'synthetic/default/seed2' in keys
+  for task in tasks:
+    assert all(d in keys for d in task.deps), task.key
+  test = next(t for t in tasks if t.key == 'kvasir_seg/default/seed0/budget_test')
+  assert test.deps == ('kvasir_seg/default/seed0/budget_val', 'kvasir_seg/default/seed1/budget_val')
+
+
+def test_a_runner_error_fails_the_task_instead_of_hanging_the_sweep(fake):
+  make, _ = fake
+  tasks = [t for t in make(['budget'], seeds=(0,)) if t.key.startswith('synthetic/default/seed0')]
+  test = next(t for t in tasks if t.kind == 'budget_test')
+  test.deps = (*test.deps, 'synthetic/default/seed9/budget_val')  # unknown to the runner
+  assert run_lib.Runner(tasks, 1, None, 'test').run() == 1
+  assert test.failed and all(t.done for t in tasks if t is not test)
