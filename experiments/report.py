@@ -21,10 +21,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from experiments import stats
+from experiments.run import PHASE0_CASES  # the test rows of the phase 0 a run started from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEGMENTER = 'segmenter'
-PHASE0_CASES = 'phase0_per_case.csv'  # experiments.run: the test rows of the phase 0 a run started from
 NOT_REAL = ('synthetic', 'unified')  # directories left out of "all real sets"
 ALL_REAL = 'all real sets'
 MARGIN = 1.0  # Dice points: the equivalence margin of 'no difference'
@@ -38,10 +38,9 @@ HYGIENE = (
     'bootstrap intervals ({n} resamples, stratified by dataset for cross-dataset means); p-values are Wilcoxon '
     'signed-rank, Holm-corrected within a sweep and dataset. "vs segmenter (phase 0)" pairs each run with the '
     'phase-0 segmenter it was trained from (its phase0_per_case.csv; the "vs Dice %" column is theirs), or, for '
-    'runs that did not record it, with the segmenter arm\'s run of the same seed. A difference is called only if the 95 % interval '
-    'excludes 0 and every one of at least two shared seeds agrees; "no difference" only when the 90 % '
-    'interval lies inside ±{m:g} Dice point; '
-    'otherwise "undecided". Failure = Dice < 0.5 on the seed-averaged image; miss = a lesion with Dice 0.')
+    'runs that did not record it, with the segmenter arm\'s run of the same seed. A difference is called only '
+    'if the 95 % interval excludes 0 and every one of at least two shared seeds agrees; "no difference" only '
+    'when the 90 % interval lies inside ±{m:g} Dice point; otherwise "undecided". Failure = Dice < 0.5 on the seed-averaged image; miss = a lesion with Dice 0.')
 
 
 def _scores(cases: list[dict]) -> stats.Scores:
