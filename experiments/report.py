@@ -160,6 +160,45 @@ def compare_rows(arms: Mapping[str, stats.Arm], pairs, n_resamples: int,
   return rows
 
 
+# Bands of the phase-0 segmenter's own (seed-mean) Dice on an image: where a diffusion arm gains or loses.
+BANDS = ((0.0, 0.5, 'phase 0 < 0.5'), (0.5, 0.8, '0.5–0.8'), (0.8, float('inf'), '≥ 0.8'))
+BAND_SWEEPS = ('method', 'budget')  # sweeps whose pages break "vs own phase 0" down by band
+
+
+def band_rows(arm: stats.Arm, reference: stats.Arm, n_resamples: int) -> list[dict]:
+  """stats.compare of `arm` against `reference` on the images whose reference Dice (mean over the reference's
+  seeds) lies in each of BANDS; a band without images is left out."""
+  keys = set.intersection(*(set(t) for t in [*arm.values(), *reference.values()]))
+  level = {k: float(np.mean([t[k] for t in reference.values()])) for k in keys}
+  rows = []
+  for lo, hi, label in BANDS:
+    inside = {k for k in keys if lo <= level[k] < hi}
+    if inside:
+      restrict = lambda a: {s: {k: v for k, v in t.items() if k in inside} for s, t in a.items()}  # pylint: disable=cell-var-from-loop
+      rows.append({'band': label, **stats.compare(restrict(arm), restrict(reference), n_resamples=n_resamples,
+                                                    margin_points=MARGIN)})
+  return rows
+
+
+BAND_HEADER = ['| arm | images where | n | Dice % | own phase 0 Dice % | diff (points) | 95 % CI |',
+               '|---|---|---:|---:|---:|---:|---|']
+
+
+def band_table(arms: Mapping[str, stats.Arm], phase0: Mapping[str, stats.Arm | None], labels: Mapping[str, str],
+               n_resamples: int) -> list[str]:
+  """The markdown rows of band_rows for every arm that recorded its own phase 0."""
+  lines = []
+  for name, scores_ in arms.items():
+    if scores_ and phase0.get(name):
+      lines += [f"| {labels.get(name, name)} | {r['band']} | {r['n']} | {r['mean_a']:.1f} | {r['mean_b']:.1f} | "
+                f"{r['diff']:+.1f} | [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] |"
+                for r in band_rows(scores_, phase0[name], n_resamples)]
+  if not lines:
+    return []
+  return ['Where the difference to its own phase 0 comes from, by the phase-0 segmenter\'s Dice on the image:', '',
+          *BAND_HEADER, *lines, '']
+
+
 def sweep_pairs(sweep) -> list[tuple[str, str]]:
   """Every arm against the sweep's reference and against the segmenter."""
   pairs = []
@@ -409,11 +448,13 @@ class Report:
       shown += [SEGMENTER] if runs[SEGMENTER] and SEGMENTER not in shown else []
       lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected, self.stale.mark(f'{dataset}/{a}', runs[a]))
                              for a in shown] + ['']
-      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
-                          {a: own_phase0(r) for a, r in runs.items()})
+      phase0 = {a: own_phase0(r) for a, r in runs.items()}
+      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0)
       self.computed[sweep.name, dataset] = rows
       self.finding(f'{sweep.name} / {dataset}', sweep, rows, labels, [labels[a] for a in shown if not runs[a]])
       lines += (CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']) + ['']
+      if sweep.name in BAND_SWEEPS:
+        lines += band_table({a: scores(runs[a]) for a in shown}, phase0, labels, self.n)
     real = [d for d in sweep.datasets if d not in NOT_REAL]
     combined = {a: combine({d: self.arm(d, a, sweep) for d in real}) for a in names}
     phase0 = {a: combine({d: self.arm(d, a, sweep) for d in real}, phase0=True) for a in names}
@@ -465,12 +506,13 @@ class Report:
         seg = self.arm(dataset, SEGMENTER)
         names = {f'{arm}@{name}': f'{label}, {name} (test)' for name in tests}
         arms = {**{f'{arm}@{n}': scores(r) for n, r in tests.items()}, SEGMENTER: scores(seg)}
-        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n,
-                            {f'{arm}@{n}': own_phase0(r) for n, r in tests.items()})
+        phase0 = {f'{arm}@{n}': own_phase0(r) for n, r in tests.items()}
+        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n, phase0)
         labels = {**names, SEGMENTER: 'segmenter (phase 0)'}
         lines += ['', f"Chosen: {', '.join(tests) or '_none tested yet_'}", '']
         if rows:
           lines += CMP_HEADER + [cmp_row(r, labels) for r in rows] + ['']
+          lines += band_table({a: arms[a] for a in names}, phase0, labels, self.n)
           self.finding(f'{sweep.name} / {dataset} (chosen setting, test)', sweep, rows, labels, reference=SEGMENTER)
         path = self.png(f'budget_{dataset}_{arm}.png')
         plot_budget(path, f'{dataset}: Dice vs time per image', settings, _point(seg) if seg else None,

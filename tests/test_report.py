@@ -263,3 +263,23 @@ def test_vs_segmenter_pairs_each_run_with_its_own_phase0(tmp_path):
   assert row(section(text, '### targets — kvasir_seg'), 'eps only', 'segmenter')[4] == f'{100 * (kvasir - 0.03):.1f}'
   budget = row(section(text, '### Budget (budget): chosen on validation, tested once'), 'default config, ddim1_x1')
   assert budget[5] == '+4.0', budget
+
+
+def test_difference_to_own_phase0_is_broken_down_by_the_phase0_dice_band(tmp_path):
+  results = str(tmp_path / 'results')
+  phase0 = np.array([0.3, 0.4, 0.45, 0.6, 0.7, 0.75, 0.85, 0.9, 0.95])
+  gain = np.array([0.05] * 3 + [0.0] * 3 + [-0.02] * 3)  # helps the hard images, costs the easy ones
+  for seed in range(2):
+    directory = write_run(results, 'kvasir_seg', 'anchored', seed, phase0 + gain)
+    write_run(results, 'kvasir_seg', 'segmenter', seed, phase0 - 0.2)  # another replicate: not the reference
+    own = os.path.join(str(tmp_path), 'own', str(seed))
+    _write_eval(own, 'kvasir_seg', phase0)
+    os.replace(os.path.join(own, 'per_case.csv'), os.path.join(directory, report.PHASE0_CASES))
+  sweeps = {'method': Sweep('method', 'Which change?', (('anchored', 'anchored'),), 'segmenter', ('kvasir_seg',))}
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  lines = section(text, '### method — kvasir_seg')
+  expected = {'phase 0 < 0.5': ('+5.0', 38.3), '0.5–0.8': ('+0.0', 68.3), '≥ 0.8': ('-2.0', 90.0)}
+  for band, (diff, own_mean) in expected.items():
+    cells = row(lines, 'anchored', band)
+    assert cells[2] == '3' and cells[4] == f'{own_mean:.1f}' and cells[5] == diff, cells
+    assert cells[6] == f'[{diff}, {diff}]'
