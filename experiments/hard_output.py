@@ -18,9 +18,11 @@ import os
 
 import numpy as np
 
+from experiments import report
 from unisegdiff_jax import host
 
-BANDS = ((0.0, 0.5, 'soft < 0.5'), (0.5, 0.8, '0.5–0.8'), (0.8, float('inf'), '≥ 0.8'))
+# The results page's bands, of the soft score here.
+BANDS = tuple((lo, hi, label.replace('phase 0', 'soft')) for lo, hi, label in report.BANDS)
 
 
 def hard(prob: np.ndarray, threshold: float) -> np.ndarray:
