@@ -3,11 +3,16 @@
 Config files take an argument: `--config=configs/synthetic.py:smoke` or `...:smoke,eps_only`. Tokens:
   smoke        shrink everything so the whole run takes well under two minutes on a CPU (tests, CI)
   cpu          a profile that trains to a meaningful result on a 2-core CPU in about 30 minutes
+  plain        the pre-2026-11-27 method (frozen encoder, no coarse logits, no self-conditioning, the
+               `three_stage` preset with an MSE x0 stage, auxiliary weight 0.1, the staged 10-NFE sampler);
+               the method sweep's one-change-at-a-time arms start from it
   <preset>     a stage-table preset from unisegdiff_jax.diffusion.STAGE_PRESETS (eps_only, x0_only,
                v_only, two_stage, three_stage)
   scratch | frozen | finetune
-               the encoder: no phase-0 pre-training (trained jointly) | pre-trained and frozen (default)
-               | pre-trained and fine-tuned at pretrain.finetune_lr_multiplier times the learning rate
+               the encoder: no phase-0 pre-training (trained jointly) | pre-trained and frozen
+               | pre-trained and fine-tuned at pretrain.finetune_lr_multiplier times the learning rate (default)
+
+The default method ("anchored", README "Method") and why: docs/RESULTS.md, `method` and `budget` sweeps.
 Any field can also be overridden: `--config.diffusion.stages='0:1000 eps steps=10'`.
 """
 
@@ -19,6 +24,9 @@ from unisegdiff_jax import diffusion
 
 STAGE_PRESET_NAMES = tuple(diffusion.STAGE_PRESETS)  # one source of truth: the stage-table presets
 PRETRAIN_PRESETS = ('scratch', 'frozen', 'finetune')
+# The default stage table: the `three_stage` boundaries and targets, with the x0 stage trained by BCE + Dice on
+# its logits (the segmenter's own loss) instead of MSE.
+ANCHORED_STAGES = '500:1000 x0 loss=bce_dice steps=1; 200:500 v steps=4; 0:200 eps steps=5'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -61,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.denoiser.num_heads = 4
   config.model.denoiser.dropout = 0.0
   # Self-conditioning (Chen et al., Analog Bits): the previous x0 estimate is an extra denoiser input.
-  config.model.self_condition = False
+  config.model.self_condition = True
 
   # Diffusion and the stage table (our reconstruction; UniSegDiff's exact values are unpublished).
   config.diffusion = ml_collections.ConfigDict()
@@ -69,18 +77,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.diffusion.schedule = 'linear'  # linear | cosine
   config.diffusion.beta_start = 1e-4
   config.diffusion.beta_end = 0.02
-  config.diffusion.stages = 'three_stage'  # a preset name or a table string, see diffusion.py
+  config.diffusion.stages = ANCHORED_STAGES  # a preset name or a table string, see diffusion.py
   config.diffusion.timestep_sampling = 'uniform'  # uniform | balanced (uniform over stages)
   config.diffusion.mask_scale = 1.0  # masks diffuse as {-mask_scale, +mask_scale} (Chen et al. use 0.1)
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.aux_weight = 0.1  # BCE + Dice on the implied x0 of every sample
+  config.loss.aux_weight = 1.0  # BCE + Dice on the implied x0 of every sample (the segmenter's weight)
   config.loss.aux_max_t = 1000  # the auxiliary term only for t < aux_max_t
 
   # Sampling used by validation and evaluation.
   config.sampling = ml_collections.ConfigDict()
-  config.sampling.sampler = 'staged'  # staged | ddim | ddpm
-  config.sampling.ddim_steps = 100
+  # 2 DDIM steps (t = 999 in the x0 stage, then t = 499 in the v stage): on validation 1-2 steps beat the staged
+  # 10-NFE sampler in every budget run (docs/RESULTS.md, budget sweep); 1 and 2 tie.
+  config.sampling.sampler = 'ddim'  # staged | ddim | ddpm
+  config.sampling.ddim_steps = 2
   config.sampling.ddpm_steps = 100  # ddpm: ancestral (eta = 1) steps over an evenly spaced subsequence
   config.sampling.ensemble_size = 1  # K samples per image in one batched call (NFE per image = K * steps)
   config.sampling.fusion = 'mean'  # mean | vote | staple: how the K samples are fused
@@ -96,9 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.pretrain.warmup_steps = 50
   config.pretrain.weight_decay = 1e-4
   config.pretrain.decoder_width = 32
-  config.pretrain.encoder_mode = 'frozen'  # frozen | finetune: the encoder in phase 1
+  config.pretrain.encoder_mode = 'finetune'  # frozen | finetune: the encoder in phase 1
   config.pretrain.finetune_lr_multiplier = 0.1
-  config.pretrain.coarse_logits = False  # give the segmenter's logits to the denoiser as an input channel
+  config.pretrain.coarse_logits = True  # give the segmenter's logits to the denoiser as an input channel
   config.pretrain.checkpoint = ''  # reuse a phase-0 run: its workdir (or pretrain/checkpoints dir)
   config.pretrain.external_weights = ''  # start the encoder from a local .npz / .safetensors file
   config.pretrain.weights_name_map = ''  # JSON {file name: model path} for external_weights
@@ -137,6 +147,8 @@ def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_co
       apply_smoke(config)
     elif token == 'cpu':
       apply_cpu(config)
+    elif token == 'plain':
+      apply_plain(config)
     elif token in STAGE_PRESET_NAMES:
       config.diffusion.stages = token
     elif token == 'scratch':
@@ -145,9 +157,20 @@ def apply_arguments(config: ml_collections.ConfigDict, arg: str | None) -> ml_co
       config.pretrain.enabled = True
       config.pretrain.encoder_mode = token
     else:
-      raise ValueError(f"unknown config argument '{token}': use smoke, cpu, a stage preset "
+      raise ValueError(f"unknown config argument '{token}': use smoke, cpu, plain, a stage preset "
                        f"({', '.join(STAGE_PRESET_NAMES)}) or {', '.join(PRETRAIN_PRESETS)}")
   return config
+
+
+def apply_plain(config: ml_collections.ConfigDict) -> None:
+  """The method before the anchored default: what the `plain` token restores (field by field)."""
+  config.pretrain.encoder_mode = 'frozen'
+  config.pretrain.coarse_logits = False
+  config.model.self_condition = False
+  config.diffusion.stages = 'three_stage'
+  config.loss.aux_weight = 0.1
+  config.sampling.sampler = 'staged'
+  config.sampling.ddim_steps = 100
 
 
 def tokens(arg: str | None) -> list[str]:

@@ -20,6 +20,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from experiments import config_record
+from experiments import run as run_lib
 from experiments import stats
 from experiments.run import PHASE0_CASES  # the test rows of the phase 0 a run started from
 
@@ -30,7 +32,8 @@ ALL_REAL = 'all real sets'
 MARGIN = 1.0  # Dice points: the equivalence margin of 'no difference'
 # The plain reading names where a sweep's change does NOT help; the predicate picks the arms it concerns.
 CLAIMS: dict[str, tuple[str, Callable[[str], bool]]] = {
-    'targets': ('staging', lambda arm: 'stage' in arm), 'encoder': ('pre-training', lambda arm: True),
+    'targets': ('staging', lambda arm: 'stage' in arm or arm == 'default'),
+    'encoder': ('pre-training', lambda arm: True), 'encoder_plain': ('pre-training (plain method)', lambda arm: True),
     'unified': ('unification', lambda arm: True)}
 HYGIENE = (
     'Checkpoints are chosen by validation Dice, the sampler budget on the validation split; the test split is '
@@ -257,7 +260,9 @@ def read_budget(directory: str, dataset: str) -> tuple[dict[int, dict], dict[str
 
 
 class Staleness:
-  """Whether a run's commit still matches HEAD's unisegdiff_jax/ and configs/ (subprocess git)."""
+  """Whether a run still stands for its arm at HEAD: its commit's unisegdiff_jax/ must match HEAD's, and the
+  config it recorded must equal what the arm's command (sweeps.py) resolves to now; a run that recorded no
+  config falls back to "configs/ unchanged since its commit" (subprocess git)."""
 
   def __init__(self, repo: str = REPO):
     self.repo, self._changed, self.notes = repo, {}, {}
@@ -272,19 +277,43 @@ class Staleness:
     done = self._git('rev-parse', 'HEAD')
     return done.stdout.strip() if done is not None and done.returncode == 0 else 'unknown'
 
+  def _differs(self, commit: str, path: str) -> bool | None:
+    if (commit, path) not in self._changed:
+      done = self._git('diff', '--quiet', commit, 'HEAD', '--', path)
+      self._changed[commit, path] = None if done is None or done.returncode not in (0, 1) else done.returncode == 1
+    return self._changed[commit, path]
+
+  def _config_reason(self, record: Mapping) -> str | None:
+    try:
+      command = run_lib.current_command(record['dataset'], record['arm'], int(record['seed']))
+    except (KeyError, ValueError) as e:
+      return f'arm no longer defined ({e})'
+    if command is None:
+      return f"arm '{record['arm']}' no longer runs on {record['dataset']}"
+    try:
+      now = config_record.resolve(command, self.repo)
+    except config_record.ConfigError as e:
+      return f'its config no longer resolves ({e})'
+    diffs = config_record.differences(record['config'], now, phase0=record['arm'] == SEGMENTER)
+    return (f'its arm now resolves to another config ({"; ".join(diffs[:3])}{"; …" if len(diffs) > 3 else ""})'
+            if diffs else None)
+
   def reason(self, record: Mapping) -> str | None:
     commit = str(record.get('commit') or 'unknown')
     if commit == 'unknown':
       return 'commit unknown'
     if record.get('dirty'):
       return f'run from a modified tree at {commit[:8]}'
-    if commit not in self._changed:
-      done = self._git('diff', '--quiet', commit, 'HEAD', '--', 'unisegdiff_jax', 'configs')
-      self._changed[commit] = None if done is None or done.returncode not in (0, 1) else done.returncode == 1
-    changed = self._changed[commit]
-    if changed is None:
-      return f'staleness unknown (git could not compare {commit[:8]} with HEAD)'
-    return f'unisegdiff_jax/ or configs/ changed since {commit[:8]}' if changed else None
+    unknown = f'staleness unknown (git could not compare {commit[:8]} with HEAD)'
+    code = self._differs(commit, 'unisegdiff_jax')
+    if code is None or code:
+      return unknown if code is None else f'unisegdiff_jax/ changed since {commit[:8]}'
+    if 'config' in record:
+      return self._config_reason(record)
+    configs = self._differs(commit, 'configs')
+    if configs is None or configs:
+      return unknown if configs is None else f'configs/ changed since {commit[:8]} (the run recorded no config)'
+    return None
 
   def mark(self, where: str, runs: Mapping[int, Run]) -> str:
     """' ⚠[^n]' with a footnote listing the reasons, or ''."""

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+from experiments import config_record
 from experiments import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +153,15 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
   return list(tasks.values())
 
 
+def current_command(dataset: str, arm: str, seed: int) -> list[str] | None:
+  """main.py's arguments for (dataset, arm, seed) as the sweeps define them now (None: no such run)."""
+  key = f'{dataset}/{arm}/seed{seed}'
+  for task in plan(list(sweeps.SWEEPS), [dataset], [seed], '/r', '/res', [], arms_filter=(arm,)):
+    if task.key == key:
+      return task.command[2:]
+  return None
+
+
 def _finished(task: Task) -> bool:
   if task.kind == 'budget_val':
     return os.path.exists(os.path.join(task.results, 'budget_val.json'))
@@ -217,6 +227,10 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
             'command': [os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:]],
             'commit': run_commit[0], 'dirty': run_commit[1], 'device': _device_of(os.path.join(eval_dir, 'summary.json')),
             'hardware': hardware}
+  try:  # what the command resolved to, so the page can tell a changed default from an unchanged arm
+    record['config'] = config_record.resolve(task.command[2:])
+  except config_record.ConfigError as e:
+    record['config_error'] = str(e)
   if started is not None:
     record.update(wall_seconds=round(time.time() - started, 1),
                   started=datetime.datetime.fromtimestamp(started).isoformat(timespec='seconds'),

@@ -43,32 +43,44 @@ class Arm:
 _BCE_X0 = "--config.diffusion.stages=500:1000 x0 loss=bce_dice steps=1; 200:500 v steps=4; 0:200 eps steps=5"
 _ANCHOR = ('--config.pretrain.coarse_logits=True', '--config.model.self_condition=True', _BCE_X0,
            '--config.loss.aux_weight=1.0')
+_PLAIN = ('plain', 'three_stage')  # the method before the anchored default (configs/default.py)
+
+
+def _stages(table: str) -> str:
+  return f'--config.diffusion.stages={table}'
+
 
 ARMS = {
-    # targets (equal steps, equal NFE: 10 per image); the encoder is the frozen phase-0 one.
-    'three_stage': Arm(('three_stage',)),
-    'two_stage': Arm(('two_stage',)),
-    'eps_only': Arm(('eps_only',)),
-    'x0_only': Arm(('x0_only',)),
-    'v_only': Arm(('v_only',)),
-    # encoder (three_stage is the frozen arm)
-    'scratch': Arm(('three_stage', 'scratch'), shared_phase0=False),
-    'finetune': Arm(('three_stage', 'finetune')),
-    'finetune_coarse': Arm(('three_stage', 'finetune'), ('--config.pretrain.coarse_logits=True',)),
-    # method (issue: make the diffusion model earn its place), one change at a time, then together.
-    'coarse': Arm(('three_stage',), ('--config.pretrain.coarse_logits=True',)),
-    'selfcond': Arm(('three_stage',), ('--config.model.self_condition=True',)),
-    'recycling': Arm(('three_stage',), ('--config.train.recycling=0.5',)),
-    'bce_x0': Arm(('three_stage',), (_BCE_X0, '--config.loss.aux_weight=1.0')),
-    'mask_scale_0.3': Arm(('three_stage',), ('--config.diffusion.mask_scale=0.3',)),
-    'anchored': Arm(('three_stage', 'finetune'), _ANCHOR),
-    'anchored_x0': Arm(('x0_only', 'finetune'), ('--config.pretrain.coarse_logits=True',
-                                                   '--config.model.self_condition=True',
-                                                   '--config.diffusion.stages=0:1000 x0 loss=bce_dice steps=10',
-                                                   '--config.loss.aux_weight=1.0')),
-    # the configuration's own defaults, whatever they are at the commit that runs them
+    # the configuration's own defaults, whatever they are at the commit that runs them (since 2026-11-27 the
+    # anchored method sampled with 2 DDIM steps; a run records its resolved config, so the page sees a change)
     'default': Arm(),
-    # unified: one model over the five real sets, at the steps of one per-dataset model and at their sum.
+    # targets, inside the default method (equal steps; evaluated at the default budget, equal NFE)
+    'eps_only': Arm(overrides=(_stages('0:1000 eps steps=10'),)),
+    'x0_only': Arm(overrides=(_stages('0:1000 x0 loss=bce_dice steps=10'),)),
+    'v_only': Arm(overrides=(_stages('0:1000 v steps=10'),)),
+    'two_stage': Arm(overrides=(_stages('500:1000 x0 loss=bce_dice steps=1; 0:500 eps steps=9'),)),
+    # the plain method's targets and encoder arms (equal steps, equal NFE: 10 per image, staged sampler)
+    'three_stage': Arm(_PLAIN),
+    'scratch': Arm(_PLAIN + ('scratch',), shared_phase0=False),
+    'finetune': Arm(_PLAIN + ('finetune',)),
+    'finetune_coarse': Arm(_PLAIN + ('finetune',), ('--config.pretrain.coarse_logits=True',)),
+    # encoder, inside the default method (which fine-tunes)
+    'default_scratch': Arm(('scratch',), shared_phase0=False),
+    'default_frozen': Arm(('frozen',)),
+    # method (issue: make the diffusion model earn its place), one change at a time from the plain method,
+    # then together; `anchored` is the bundle with the staged sampler, as it was measured before it became
+    # the default.
+    'coarse': Arm(_PLAIN, ('--config.pretrain.coarse_logits=True',)),
+    'selfcond': Arm(_PLAIN, ('--config.model.self_condition=True',)),
+    'recycling': Arm(_PLAIN, ('--config.train.recycling=0.5',)),
+    'bce_x0': Arm(_PLAIN, (_BCE_X0, '--config.loss.aux_weight=1.0')),
+    'mask_scale_0.3': Arm(_PLAIN, ('--config.diffusion.mask_scale=0.3',)),
+    'anchored': Arm(_PLAIN + ('finetune',), _ANCHOR),
+    'anchored_x0': Arm(('plain', 'x0_only', 'finetune'), ('--config.pretrain.coarse_logits=True',
+                                                            '--config.model.self_condition=True',
+                                                            _stages('0:1000 x0 loss=bce_dice steps=10'),
+                                                            '--config.loss.aux_weight=1.0')),
+    # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_multiplier=len(UNIFIED_MEMBERS), only_dataset='unified'),
 }
@@ -85,24 +97,29 @@ class Sweep:
 
 _DECIDE = ('synthetic', 'kvasir_seg', 'busi')
 SWEEPS = {
-    'targets': Sweep('targets', 'Does the staged target table beat a single target (equal steps, equal NFE)?',
+    'targets': Sweep('targets', 'Inside the default method, does the staged target table beat a single target '
+                     '(equal steps, equal NFE)?',
                      (('eps only', 'eps_only'), ('x0 only', 'x0_only'), ('v only', 'v_only'),
-                      ('two stages', 'two_stage'), ('three stages', 'three_stage')), 'eps_only', _DECIDE),
+                      ('two stages', 'two_stage'), ('three stages (default)', 'default')), 'eps_only', _DECIDE),
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
-                     (('scratch', 'scratch'), ('frozen', 'three_stage'), ('fine-tuned', 'finetune'),
-                      ('fine-tuned + coarse logits', 'finetune_coarse')), 'scratch', _DECIDE),
+                     (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
+                      ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE),
+    'encoder_plain': Sweep('encoder_plain', 'In the plain method, does the segmentation pre-training help?',
+                           (('scratch', 'scratch'), ('frozen', 'three_stage'), ('fine-tuned', 'finetune'),
+                            ('fine-tuned + coarse logits', 'finetune_coarse')), 'scratch', _DECIDE),
     'method': Sweep('method', 'Which change makes the diffusion model beat its own segmenter?',
-                    (('segmenter (phase 0)', 'segmenter'), ('three stages (baseline)', 'three_stage'),
+                    (('segmenter (phase 0)', 'segmenter'), ('three stages (plain)', 'three_stage'),
                      ('+ coarse logits', 'coarse'), ('+ self-conditioning', 'selfcond'),
                      ('+ recycling', 'recycling'), ('+ BCE-Dice x0 loss', 'bce_x0'),
-                     ('+ mask scale 0.3', 'mask_scale_0.3'), ('anchored (all, fine-tuned)', 'anchored'),
-                     ('anchored, x0 only', 'anchored_x0'), ('default config', 'default')),
+                     ('+ mask scale 0.3', 'mask_scale_0.3'), ('anchored (all, fine-tuned), staged', 'anchored'),
+                     ('anchored, x0 only, staged', 'anchored_x0'), ('default config', 'default')),
                     'segmenter', _DECIDE),
-    # The per-dataset model is the default configuration (three stages, frozen pre-trained encoder): the
-    # three_stage arm, which the other sweeps also run.
+    # The per-dataset model is the default configuration: the `default` arm, which the other sweeps also run;
+    # the plain method's per-dataset runs (the default before 2026-11-27) stay beside it.
     'unified': Sweep('unified', 'Does one unified model serve five organs as well as one model per organ?',
-                     (('per-dataset model', 'three_stage'), ('unified, equal steps', 'unified_equal_steps'),
-                      ('unified, equal total compute', 'unified_equal_compute')), 'three_stage',
+                     (('per-dataset model', 'default'), ('per-dataset model, plain method', 'three_stage'),
+                      ('unified, equal steps', 'unified_equal_steps'),
+                      ('unified, equal total compute', 'unified_equal_compute')), 'default',
                      UNIFIED_MEMBERS + ('unified',)),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',

@@ -81,10 +81,14 @@ def test_rows_are_finite_and_outputs_written(setup, tmp_path):
 
 
 def test_identical_conditionings_give_zero_swap_reliance(setup):
-  """A zeroed encoder gives every image the same (zero) features: swapping them cannot change anything."""
+  """A zeroed encoder (and phase-0 decoder, whose coarse logits are part of the conditioning by default) gives
+  every image the same, zero, conditioning: zeroing or swapping it cannot change anything."""
   config, process, model, params, images, masks = setup
   inner = dict(params['params'])
-  inner['encoder'] = jax.tree_util.tree_map(jnp.zeros_like, inner['encoder'])
+  assert config.pretrain.coarse_logits == ('decoder' in inner)
+  for part in ('encoder', 'decoder'):
+    if part in inner:
+      inner[part] = jax.tree_util.tree_map(jnp.zeros_like, inner[part])
   rows = attention.measure(model, {**params, 'params': inner}, process, config, images, masks, bins=BINS,
                            per_bin=1, batch_size=3)  # the batch shape of the test above: a cached program
   assert all(abs(r['reliance_swap']) < 1e-6 and abs(r['reliance_zero']) < 1e-6 for r in rows)

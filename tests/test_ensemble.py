@@ -274,8 +274,10 @@ def test_settings_from_config_reads_new_fields_with_defaults():
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   config = synthetic.get_config('smoke')
   settings = ensemble.settings_from_config(config)
-  assert (settings.sampler, settings.ensemble_size, settings.fusion) == ('staged', 1, 'mean')
-  assert settings.num_steps is None and settings.label == 'staged'
+  assert (settings.sampler, settings.ensemble_size, settings.fusion) == ('ddim', 1, 'mean')  # the default
+  assert settings.num_steps == 2 and settings.label == 'ddim:2'
+  staged = ensemble.settings_from_config(config, sampler='staged')
+  assert staged.num_steps is None and staged.label == 'staged'
   ddpm = ensemble.settings_from_config(config, sampler='ddpm', ensemble_size=3, fusion='staple')
   assert ddpm.stochastic and ddpm.num_steps == sampling.DEFAULT_DDPM_STEPS and ddpm.label == 'ddpm:100'
   with pytest.raises(ensemble.EnsembleConfigError, match='fusion'):

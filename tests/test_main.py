@@ -37,7 +37,7 @@ def test_train_writes_the_summary_contract(smoke_run):
   for block in (entry, summary['mean']):
     assert 0.0 <= block['dice'] <= 1.0 and 0.0 <= block['iou'] <= block['dice'] + 1e-9
     assert block['hd95'] >= 0.0
-  assert summary['nfe_per_image'] == 10 and summary['checkpoint_step'] in (10, 20)
+  assert summary['nfe_per_image'] == 2 and summary['checkpoint_step'] in (10, 20)  # the default: 2 DDIM steps
   assert summary['seconds_per_image'] > 0
   with open(os.path.join(workdir, 'eval', 'test', 'per_case.csv')) as f:
     rows = list(csv.DictReader(f))
@@ -104,5 +104,5 @@ def test_a_finished_phase0_can_be_reused_by_another_run(smoke_run, tmp_path):
   assert not os.path.exists(os.path.join(other, 'pretrain', 'checkpoints'))  # phase 0 was not rerun
   with open(os.path.join(other, 'eval', 'test', 'summary.json')) as f:
     summary = json.load(f)
-  assert summary['pretrain_mode'] == 'external frozen'
+  assert summary['pretrain_mode'] == 'external finetune'  # the default encoder mode
   assert 0 <= summary['pretrained_segmenter']['mean']['dice'] <= 1

@@ -64,6 +64,7 @@ def test_scratch_trains_the_encoder_jointly(smoke_config, tmp_path):
 def test_coarse_logits_add_an_input_channel(smoke_config, tmp_path):
   config = smoke_config
   config.pretrain.coarse_logits = True
+  config.model.self_condition = False  # its channel is the other one the default adds
   runtime = _runtime(config, tmp_path)
   process = train.validate_config(config)
   pretrained = _pretrained_params(config)

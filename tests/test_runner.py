@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from experiments import config_record
 from experiments import run as run_lib
 from experiments import sweeps
 
@@ -74,9 +75,9 @@ def test_plan_shares_phase0_and_gives_scratch_the_phase0_steps():
   keys = [t.key for t in tasks]
   assert keys.count('kvasir_seg/segmenter/seed0') == 1
   by_key = {t.key: t for t in tasks}
-  assert by_key['kvasir_seg/finetune/seed0'].deps == ('kvasir_seg/segmenter/seed0',)
-  assert '--config.pretrain.checkpoint=/r/kvasir_seg/phase0/seed0' in by_key['kvasir_seg/finetune/seed0'].command
-  scratch = by_key['kvasir_seg/scratch/seed0']
+  assert by_key['kvasir_seg/default_frozen/seed0'].deps == ('kvasir_seg/segmenter/seed0',)
+  assert '--config.pretrain.checkpoint=/r/kvasir_seg/phase0/seed0' in by_key['kvasir_seg/default/seed0'].command
+  scratch = by_key['kvasir_seg/default_scratch/seed0']
   assert scratch.deps == () and not any('pretrain.checkpoint' in c for c in scratch.command)
   pre, steps = run_lib._steps(sweeps.DATASETS['kvasir_seg'])  # pylint: disable=protected-access
   assert f'--config.train.num_steps={pre + steps}' in scratch.command
@@ -84,16 +85,16 @@ def test_plan_shares_phase0_and_gives_scratch_the_phase0_steps():
 
 def test_scratch_on_the_synthetic_set_adds_phase0_steps_to_the_pinned_phase1_steps():
   tasks = {t.key: t for t in run_lib.plan(['encoder'], ['synthetic'], [0], '/r', '/res', [])}
-  command = tasks['synthetic/scratch/seed0'].command
+  command = tasks['synthetic/default_scratch/seed0'].command
   assert command[-1] == '--config.train.num_steps=1300'  # 300 + 1000 (the last flag wins)
 
 
 def test_unified_arms_run_only_on_the_unified_data():
   tasks = run_lib.plan(['unified'], [], [0], '/r', '/res', [])
   keys = {t.key for t in tasks}
-  assert {'kvasir_seg/three_stage/seed0', 'unified/unified_equal_steps/seed0',
+  assert {'kvasir_seg/default/seed0', 'unified/unified_equal_steps/seed0',
           'unified/unified_equal_compute/seed0'} <= keys
-  assert 'unified/three_stage/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
+  assert 'unified/default/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
 
 
 def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
@@ -104,9 +105,12 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   open(os.path.join(interrupted.workdir, 'fail_once'), 'w').close()
   assert run_lib.Runner(tasks, 2, None, 'test').run() == 1  # one run stopped without results
   results = tmp_path / 'results' / 'synthetic'
-  assert sorted(os.listdir(results)) == ['eps_only', 'segmenter', 'three_stage', 'two_stage', 'v_only']
+  assert sorted(os.listdir(results)) == ['default', 'eps_only', 'segmenter', 'two_stage', 'v_only']
   record = json.loads((results / 'eps_only' / 'seed0' / 'run.json').read_text())
   assert record['commit'] == 'abc123' and record['seed'] == 0 and record['hardware'] == 'test'
+  # the config its command resolved to: the arm's stage table on the synthetic profile, this seed
+  assert record['config']['diffusion.stages'] == '0:1000 eps steps=10' and record['config']['seed'] == 0
+  assert record['config'] == config_record.resolve(record['command'][1:])
   assert (results / 'eps_only' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.750000\n'
   assert (results / 'segmenter' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.700000\n'
   # each phase-1 run keeps the test results of the phase 0 it started from; phase 0 itself has none

@@ -73,7 +73,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(smoke_config):
     return float(metrics['loss'])
 
   before = eval_loss(state)
-  for _ in range(20):
+  for _ in range(40):
     state, metrics = step(state, batch, rng)
   after = eval_loss(state)
   assert after < 0.7 * before, (before, after)
