@@ -18,9 +18,12 @@ class Dataset:
 
 
 DATASETS = {
-    # The experiments' synthetic profile: 300 + 1000 steps (the quick-start config trains 500 in phase 1).
+    # The experiments' synthetic profile: 300 + 1000 steps, validation and checkpoints every 175 steps, pinned
+    # here so that the quick-start config (synthetic.py, 200 phase-1 steps) can change without changing them.
     'synthetic': Dataset('configs/synthetic.py', '', ('--config.data.datasets=synthetic_lesions/eval1k',
-                                                      '--config.train.num_steps=1000')),
+                                                      '--config.train.num_steps=1000',
+                                                      '--config.train.eval_every_steps=175',
+                                                      '--config.train.checkpoint_every_steps=175')),
     'kvasir_seg': Dataset('configs/polyp.py', 'cpu'),
     'busi': Dataset('configs/breast.py', 'cpu'),
     'ph2': Dataset('configs/skin.py', 'cpu', ('--config.data.datasets=ph2',)),
