@@ -493,8 +493,10 @@ class Report:
       self.finding(f'{sweep.name} / {ALL_REAL}', sweep, rows, labels)
       lines += [f'### {sweep.name} — {ALL_REAL} (stratified by dataset)', '', *CMP_HEADER,
                 *[cmp_row(r, labels) for r in rows], '']
-    extra = {'targets': self.convergence, 'budget': self.budget, 'unified': self.unified}.get(sweep.name)
-    return lines + (extra(sweep) if extra else [])
+    extras = {'targets': [self.convergence], 'unified': [self.unified]}.get(sweep.name, [])
+    if getattr(sweep, 'budget', False):
+      extras += [self.budget] + ([self.chosen_budget] if sweep.reference != SEGMENTER else [])
+    return lines + [line for extra in extras for line in extra(sweep)]
 
   def convergence(self, sweep) -> list[str]:
     lines, labels = [f'### Convergence ({sweep.name})', ''], self.labels(sweep)
@@ -547,6 +549,25 @@ class Report:
         plot_budget(path, f'{dataset}: Dice vs time per image', settings, _point(seg) if seg else None,
                     [(n, *_point(t)) for n, t in tests.items()])
         lines += [self.link(path, f'budget {dataset}'), '']
+    return lines
+
+  def chosen_budget(self, sweep) -> list[str]:
+    """The sweep's arms compared with each other, each at the setting its own validation runs chose."""
+    lines, labels = [f"### {sweep.name}: each arm at its validation-chosen budget (test)", ''], self.labels(sweep)
+    for dataset in sweep.datasets:
+      runs = {arm: {seed: run for _, per_seed in sorted(read_budget(os.path.join(self.results, dataset, arm),
+                                                                    dataset)[1].items())
+                    for seed, run in per_seed.items()} for _, arm in sweep.arms}
+      if not any(runs.values()):
+        lines += [f'{dataset}: _not run_', '']
+        continue
+      runs[SEGMENTER] = self.arm(dataset, SEGMENTER)
+      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
+                          {a: own_phase0(r) for a, r in runs.items()})
+      lines += [f'**{dataset}**', '', *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows
+                                        else ['_no comparison possible_']), '']
+      if rows:
+        self.finding(f'{sweep.name} / {dataset} (each at its chosen budget, test)', sweep, rows, labels)
     return lines
 
   def organs(self, sweep) -> list[str]:

@@ -138,12 +138,12 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
             command += [f'--config.train.num_steps={steps * arm.steps_multiplier}',
                         f'--config.pretrain.num_steps={pre_steps * arm.steps_multiplier}']
           add(Task(key, command, workdir, os.path.join(results, key), deps))
-          if name == 'budget':
+          if sweep.budget:
             add(Task(key + '/budget_val', [*command[:2], '--mode=sweep', '--split=val', *command[2:],
                                            f'--sweep={budget_settings}',
                                            f'--ensemble_sizes={budget_ensembles}'],
                      workdir, os.path.join(results, key), (key,), kind='budget_val'))
-    if name == 'budget':
+    if sweep.budget:
       for (_, arm_name), ds_name, seed in itertools.product(sweep.arms, sweep.datasets, seeds):
         key = f'{ds_name}/{arm_name}/seed{seed}'
         if key in tasks:  # chosen on the validation runs of every seed this dataset runs

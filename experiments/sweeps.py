@@ -96,6 +96,8 @@ class Sweep:
   arms: tuple[tuple[str, str], ...]  # (label, arm name)
   reference: str
   datasets: tuple[str, ...]
+  # Each phase-1 arm also gets the budget grid on the validation split and one test run at its best setting.
+  budget: bool = False
 
 
 _DECIDE = ('synthetic', 'kvasir_seg', 'busi')
@@ -103,7 +105,8 @@ SWEEPS = {
     'targets': Sweep('targets', 'Inside the default method, does the staged target table beat a single target '
                      '(equal steps, equal NFE)?',
                      (('eps only', 'eps_only'), ('x0 only', 'x0_only'), ('v only', 'v_only'),
-                      ('two stages', 'two_stage'), ('three stages (default)', 'default')), 'eps_only', _DECIDE),
+                      ('two stages', 'two_stage'), ('three stages (default)', 'default')), 'eps_only', _DECIDE,
+                     budget=True),  # a few-step DDIM favours tables that start with x0: each arm picks its own
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
                      (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
                       ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE),
@@ -126,7 +129,7 @@ SWEEPS = {
                      UNIFIED_MEMBERS + ('unified',)),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
-                    _DECIDE),
+                    _DECIDE, budget=True),
 }
 
 # The budget sweep: every setting evaluated on the validation split of each arm's checkpoint.

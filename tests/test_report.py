@@ -26,12 +26,14 @@ class Sweep:  # stand-in for experiments.sweeps.Sweep
   arms: tuple[tuple[str, str], ...]
   reference: str
   datasets: tuple[str, ...]
+  budget: bool = False
 
 
 SWEEPS = {
     'targets': Sweep('targets', 'Staged or single target?', (('eps only', 'eps_only'), ('two stages', 'two_stage'),
                                                               ('three stages', 'three_stage')), 'eps_only', DATASETS),
-    'budget': Sweep('budget', 'Which sampler budget?', (('default config', 'eps_only'),), 'segmenter', ('kvasir_seg',)),
+    'budget': Sweep('budget', 'Which sampler budget?', (('default config', 'eps_only'),), 'segmenter', ('kvasir_seg',),
+                    budget=True),
 }
 
 
@@ -283,3 +285,25 @@ def test_difference_to_own_phase0_is_broken_down_by_the_phase0_dice_band(tmp_pat
     cells = row(lines, 'anchored', band)
     assert cells[2] == '3' and cells[4] == f'{own_mean:.1f}' and cells[5] == diff, cells
     assert cells[6] == f'[{diff}, {diff}]'
+
+
+def test_a_budget_sweep_compares_its_arms_each_at_its_own_validation_choice(tmp_path):
+  """Equal at the training-time sampler, 5 points apart at the settings their validation runs chose."""
+  results = str(tmp_path / 'results')
+  for seed in range(2):
+    base = base_dice('kvasir_seg', seed)
+    write_run(results, 'kvasir_seg', 'segmenter', seed, base - 0.1)
+    for arm, chosen, gain in (('eps_only', 'ddim10_x1', 0.0), ('default', 'ddim2_x1', 0.05)):
+      directory = write_run(results, 'kvasir_seg', arm, seed, base)
+      with open(os.path.join(directory, 'budget_val.json'), 'w') as f:
+        json.dump({'rows': [{'sampler': chosen.split('_')[0].replace('ddim', 'ddim:'), 'ensemble_size': 1,
+                             'fusion': 'mean', 'nfe_per_image': 2, 'dice': 0.7, 'seconds_per_image': 0.01}]}, f)
+      _write_eval(os.path.join(directory, 'budget_test', chosen), 'kvasir_seg', base + gain)
+  sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('three stages', 'default')),
+                             'eps_only', ('kvasir_seg',), budget=True)}
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  assert row(section(text, '### targets — kvasir_seg'), 'three stages', 'eps only')[5] == '+0.0'
+  lines = section(text, "### targets: each arm at its validation-chosen budget (test)")
+  cells = row(lines, 'three stages', 'eps only')
+  assert cells[5] == '+5.0' and cells[6] == '[+5.0, +5.0]' and cells[-1] == '**better**', cells
+  assert row(lines, 'eps only', 'segmenter')[5] == '+10.0'

@@ -118,10 +118,14 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
           == (results / 'segmenter' / 'seed0' / 'per_case.csv').read_text())
   assert not (results / 'segmenter' / 'seed0' / run_lib.PHASE0_CASES).exists()
   first = len(_calls(tmp_path))
-  assert first == 6  # phase 0 + five arms (x0_only once, interrupted)
-  # Rerun: finished runs are skipped, the interrupted one runs again and finishes.
+  modes = [c.split()[0] for c in _calls(tmp_path)]
+  assert modes.count('pretrain') == 1 and modes.count('train') == 5  # phase 0 + five arms (x0_only interrupted)
+  # the targets sweep gives each finished arm its validation budget grid and one test at its choice
+  assert modes.count('sweep') == 4 and modes.count('eval') == 4
+  # Rerun: finished runs are skipped, the interrupted one runs again and finishes, then gets its budget.
   assert run_lib.Runner(make(['targets'], seeds=(0,)), 2, None, 'test').run() == 0
-  assert _calls(tmp_path)[first:] == [f"train {interrupted.workdir}"]
+  assert [c.split()[0] for c in _calls(tmp_path)[first:]] == ['train', 'sweep', 'eval']
+  assert _calls(tmp_path)[first] == f"train {interrupted.workdir}"
   assert (results / 'x0_only' / 'seed0' / 'summary.json').exists()
 
 
