@@ -608,10 +608,15 @@ class Report:
   def attention(self) -> list[str]:
     root, lines = os.path.join(self.results, 'attention'), []
     for dataset in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-      for arm in sorted(os.listdir(os.path.join(root, dataset))) if os.path.isdir(os.path.join(root, dataset)) else []:
+      arms = [a for a in sorted(os.listdir(os.path.join(root, dataset)))
+              if _csv(os.path.join(root, dataset, a, 'attention.csv'))] if os.path.isdir(os.path.join(root, dataset)) else []
+      if len(arms) > 1:  # the models side by side: one figure, every run's curves
+        from experiments import attention as attention_lib  # pylint: disable=g-import-not-at-top
+        path = self.png(f'attention_{dataset}_side_by_side.png')
+        attention_lib.plot_side_by_side({a: os.path.join(root, dataset, a) for a in arms}, path)
+        lines += [f'### {dataset}: {", ".join(arms)} side by side', '', self.link(path, f'attention {dataset}'), '']
+      for arm in arms:
         rows = _csv(os.path.join(root, dataset, arm, 'attention.csv'))
-        if not rows:
-          continue
         lines += [f'### {dataset} / {arm}', '', '| ' + ' | '.join(rows[0]) + ' |', '|' + '---:|' * len(rows[0])]
         lines += ['| ' + ' | '.join(_cell(v) for v in row.values()) + ' |' for row in rows] + ['']
         png = os.path.join(root, dataset, arm, 'attention.png')

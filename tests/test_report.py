@@ -307,3 +307,18 @@ def test_a_budget_sweep_compares_its_arms_each_at_its_own_validation_choice(tmp_
   cells = row(lines, 'three stages', 'eps only')
   assert cells[5] == '+5.0' and cells[6] == '[+5.0, +5.0]' and cells[-1] == '**better**', cells
   assert row(lines, 'eps only', 'segmenter')[5] == '+10.0'
+
+
+def test_attention_runs_of_one_dataset_are_also_drawn_side_by_side(tmp_path):
+  results = str(tmp_path / 'results')
+  for arm, loss in (('eps_only', 0.5), ('default', 0.25)):
+    directory = os.path.join(results, 'attention', 'synthetic', arm)
+    os.makedirs(directory)
+    with open(os.path.join(directory, 'attention.csv'), 'w') as f:
+      f.write('t_lo,t_hi,loss,grad_norm,dice_x0,reliance_zero,reliance_swap\n'
+              f'0,500,{loss},1.5,0.8,0.2,0.3\n500,1000,{2 * loss},1.0,0.6,0.4,0.5\n')
+  text = report.build(results, str(tmp_path / 'docs' / 'RESULTS.md'), {}, n_resamples=200)
+  lines = section(text, '### synthetic: default, eps_only side by side')
+  assert any('attention_synthetic_side_by_side.png' in line for line in lines)
+  assert os.path.getsize(tmp_path / 'docs' / 'results_png' / 'attention_synthetic_side_by_side.png') > 1000
+  assert row(section(text, '### synthetic / eps_only'), '500')[2] == '1'  # its own table stays
