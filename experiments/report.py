@@ -259,6 +259,12 @@ def read_budget(directory: str, dataset: str) -> tuple[dict[int, dict], dict[str
   return vals, tests
 
 
+def _unified_arm(arm: str) -> bool:
+  """An arm that trains one model on the unified data (sweeps.Arm.only_dataset), read from `unified/`."""
+  spec = run_lib.sweeps.ARMS.get(arm)
+  return spec is not None and spec.only_dataset == 'unified'
+
+
 class Staleness:
   """Whether a run still stands for its arm at HEAD: its commit's unisegdiff_jax/ must match HEAD's, and the
   config it recorded must equal what the arm's command (sweeps.py) resolves to now; a run that recorded no
@@ -444,7 +450,7 @@ class Report:
 
   def arm(self, dataset: str, arm: str, sweep=None) -> dict[int, Run]:
     """A unified sweep's arms other than its reference come from `unified/` where a dataset lacks them."""
-    key = (dataset, arm, sweep is not None and 'unified' in sweep.datasets and arm not in (sweep.reference, SEGMENTER))
+    key = (dataset, arm, sweep is not None and 'unified' in sweep.datasets and _unified_arm(arm))
     if key not in self._arms:
       self._arms[key] = load_arm(self.results, *key)
     return self._arms[key]
@@ -573,9 +579,11 @@ class Report:
   def organs(self, sweep) -> list[str]:
     """Per dataset: its own segmenter and diffusion model beside the unified run's (segmenter = the unified
     run's phase 0), with IoU, HD95 and the miss rate the paired table leaves out."""
-    unified_arms = [arm for _, arm in sweep.arms if arm != sweep.reference]
-    models = [('per-organ segmenter', SEGMENTER, False), ('per-organ diffusion', sweep.reference, False),
-              ('unified segmenter', SEGMENTER, True)] + [(f'unified diffusion ({a})', a, True) for a in unified_arms]
+    unified_arms = [arm for _, arm in sweep.arms if _unified_arm(arm)]
+    per_organ = [arm for _, arm in sweep.arms if not _unified_arm(arm)]
+    models = [('per-organ segmenter', SEGMENTER, False)] + [
+        ('per-organ diffusion' + ('' if a == sweep.reference else f' ({a})'), a, False) for a in per_organ] + [
+        ('unified segmenter', SEGMENTER, True)] + [(f'unified diffusion ({a})', a, True) for a in unified_arms]
     lines = ['### Per organ and unified, side by side', '',
              '| dataset | model | seeds | n | Dice % | IoU % | HD95 px | miss % |', '|---|---|---:|---:|---:|---:|---:|---:|']
     for dataset in [d for d in sweep.datasets if d not in NOT_REAL]:

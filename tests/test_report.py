@@ -231,6 +231,11 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
   assert row(lines, 'kvasir_seg', 'unified, equal steps')[4:] == ['-2.0', '[-2.0, -2.0]', '**worse**']
   assert row(lines, 'busi', 'unified, equal steps')[4:] == ['+1.0', '[+1.0, +1.0]', '**better**']
   assert row(lines, 'all real sets', 'unified, equal steps')[4] == '-0.5'  # unweighted mean of the two sets
+  organs = section(text, '### Per organ and unified, side by side')
+  kvasir = np.mean([base_dice('kvasir_seg', s) for s in range(2)])
+  assert row(organs, 'kvasir_seg', 'per-organ diffusion')[4] == f'{100 * kvasir:.1f}'
+  assert row(organs, 'kvasir_seg', 'unified diffusion (unified_equal_steps)')[4] == f'{100 * (kvasir - 0.02):.1f}'
+  assert not any('unified diffusion (default)' in line for line in organs)  # the per-dataset arm is not unified
   plain = section(text, '## Plain reading')
   assert any('unified / kvasir_seg' in line and 'unification does NOT help here' in line for line in plain)
   organs = section(text, '### Per organ and unified, side by side')
