@@ -446,6 +446,7 @@ class Report:
     self.stale = staleness or Staleness()
     self.findings: list[dict] = []  # title, claim, reference, labels, rows, not_run
     self._arms: dict[tuple[str, str, bool], dict[int, Run]] = {}
+    self._budgets: dict[tuple[str, str], tuple[dict[int, dict], dict[str, dict[int, Run]]]] = {}
     self.computed: dict[tuple[str, str], list[dict]] = {}
 
   def arm(self, dataset: str, arm: str, sweep=None) -> dict[int, Run]:
@@ -454,6 +455,12 @@ class Report:
     if key not in self._arms:
       self._arms[key] = load_arm(self.results, *key)
     return self._arms[key]
+
+  def budget_runs(self, dataset: str, arm: str) -> tuple[dict[int, dict], dict[str, dict[int, Run]]]:
+    """read_budget of an arm's results, read once for the budget tables and the chosen-budget comparison."""
+    if (dataset, arm) not in self._budgets:
+      self._budgets[dataset, arm] = read_budget(os.path.join(self.results, dataset, arm), dataset)
+    return self._budgets[dataset, arm]
 
   def finding(self, title: str, sweep, rows: list[dict], labels: Mapping[str, str], not_run=(), reference=None):
     self.findings.append({'title': title, 'claim': CLAIMS.get(sweep.name), 'reference': reference or sweep.reference,
@@ -529,7 +536,7 @@ class Report:
     lines = [f'### Budget ({sweep.name}): chosen on validation, tested once', '']
     for dataset in sweep.datasets:
       for label, arm in sweep.arms:
-        vals, tests = read_budget(os.path.join(self.results, dataset, arm), dataset)
+        vals, tests = self.budget_runs(dataset, arm)
         if not vals:
           lines += [f'{dataset} / {label}: _not run_', '']
           continue
@@ -561,8 +568,7 @@ class Report:
     """The sweep's arms compared with each other, each at the setting its own validation runs chose."""
     lines, labels = [f"### {sweep.name}: each arm at its validation-chosen budget (test)", ''], self.labels(sweep)
     for dataset in sweep.datasets:
-      runs = {arm: {seed: run for _, per_seed in sorted(read_budget(os.path.join(self.results, dataset, arm),
-                                                                    dataset)[1].items())
+      runs = {arm: {seed: run for _, per_seed in sorted(self.budget_runs(dataset, arm)[1].items())
                     for seed, run in per_seed.items()} for _, arm in sweep.arms}
       if not any(runs.values()):
         lines += [f'{dataset}: _not run_', '']
@@ -616,15 +622,16 @@ class Report:
   def attention(self) -> list[str]:
     root, lines = os.path.join(self.results, 'attention'), []
     for dataset in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-      arms = [a for a in sorted(os.listdir(os.path.join(root, dataset)))
-              if _csv(os.path.join(root, dataset, a, 'attention.csv'))] if os.path.isdir(os.path.join(root, dataset)) else []
+      tables = {a: _csv(os.path.join(root, dataset, a, 'attention.csv'))
+                for a in (sorted(os.listdir(os.path.join(root, dataset))) if os.path.isdir(os.path.join(root, dataset)) else [])}
+      arms = [a for a, rows in tables.items() if rows]
       if len(arms) > 1:  # the models side by side: one figure, every run's curves
         from experiments import attention as attention_lib  # pylint: disable=g-import-not-at-top
         path = self.png(f'attention_{dataset}_side_by_side.png')
         attention_lib.plot_side_by_side({a: os.path.join(root, dataset, a) for a in arms}, path)
         lines += [f'### {dataset}: {", ".join(arms)} side by side', '', self.link(path, f'attention {dataset}'), '']
       for arm in arms:
-        rows = _csv(os.path.join(root, dataset, arm, 'attention.csv'))
+        rows = tables[arm]
         lines += [f'### {dataset} / {arm}', '', '| ' + ' | '.join(rows[0]) + ' |', '|' + '---:|' * len(rows[0])]
         lines += ['| ' + ' | '.join(_cell(v) for v in row.values()) + ' |' for row in rows] + ['']
         png = os.path.join(root, dataset, arm, 'attention.png')
