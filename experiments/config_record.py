@@ -70,3 +70,12 @@ def differences(recorded: Mapping[str, object], now: Mapping[str, object], phase
   missing = object()
   return [f'{f}: {recorded.get(f, "(absent)")!r} -> {now.get(f, "(absent)")!r}' for f in fields
           if recorded.get(f, missing) != now.get(f, missing)]
+
+
+SAMPLING = 'sampling.'  # how a trained model is sampled; training reads it only for its validation Dice
+
+
+def training_differences(a: Mapping[str, object], b: Mapping[str, object]) -> list[str]:
+  """differences(a, b) without the sampling fields: empty when both configs train the same model (the
+  validation sampler, which picks the best checkpoint, aside)."""
+  return [d for d in differences(a, b) if not d.startswith(SAMPLING)]

@@ -271,7 +271,7 @@ class Staleness:
   config falls back to "configs/ unchanged since its commit" (subprocess git)."""
 
   def __init__(self, repo: str = REPO):
-    self.repo, self._changed, self.notes = repo, {}, {}
+    self.repo, self._changed, self.notes, self.shared = repo, {}, {}, {}
 
   def _git(self, *args: str) -> subprocess.CompletedProcess | None:
     try:
@@ -322,12 +322,26 @@ class Staleness:
     return None
 
   def mark(self, where: str, runs: Mapping[int, Run]) -> str:
-    """' ⚠[^n]' with a footnote listing the reasons, or ''."""
+    """' ⚠[^n]' with a footnote listing the reasons (and ' †[^sn]' for runs trained as another arm), or ''."""
+    return self._stale_mark(where, runs) + self._shared_mark(where, runs)
+
+  def _stale_mark(self, where: str, runs: Mapping[int, Run]) -> str:
     reasons = sorted({f'seed {s}: {why}' for s, r in runs.items() if (why := self.reason(r.record))})
     if not reasons:
       return ''
     self.notes.setdefault(where, '; '.join(reasons))
     return f' ⚠[^{list(self.notes).index(where) + 1}]'
+
+  def _shared_mark(self, where: str, runs: Mapping[int, Run]) -> str:
+    shared = {(r.record['trained_as'], r.record.get('checkpoint_chosen_with', '?')): s for s, r in runs.items()
+              if r.record.get('trained_as')}
+    if not shared:
+      return ''
+    self.shared.setdefault(where, '; '.join(
+        f"trained once as arm `{arm}` (the two configs differ only in `sampling.*`; the runner checks it); the "
+        f"checkpoint is the one that arm's validation Dice chose with its `{chosen}` sampler, evaluated on test "
+        f"with this arm's sampling; wall time = that training + this evaluation" for arm, chosen in sorted(shared)))
+    return f' †[^s{list(self.shared).index(where) + 1}]'
 
 
 def _pct(x) -> str:
@@ -373,7 +387,8 @@ def arm_row(label: str, runs: Mapping[int, Run], expected: int, mark: str) -> st
   seeds = str(len(runs)) if len(runs) >= expected else f'{len(runs)} of {expected}'
   nfe = sorted({str(r.summary['nfe_per_image']) for r in runs.values() if 'nfe_per_image' in r.summary})
   devices = sorted({str(r.record.get('device') or r.summary.get('device', '?')) for r in runs.values()})
-  wall = _mean([r.record['wall_seconds'] / 60 for r in runs.values() if 'wall_seconds' in r.record])
+  wall = _mean([(r.record['wall_seconds'] + r.record.get('training_wall_seconds', 0)) / 60 for r in runs.values()
+                if r.record.get('wall_seconds') is not None])
   cells = [label + mark, seeds, str(len(_seed_mean(runs))),
            f'{_pct(np.mean(dice))} ({_pct(min(dice))}–{_pct(max(dice))})',
            _pct(_mean([b.get('iou') for b in blocks])), _num(_mean([b.get('hd95') for b in blocks])),
@@ -698,10 +713,15 @@ def build(results: str, out: str, sweeps: Mapping, *, n_resamples: int = 10_000,
           f'`{report.stale.head()}` from `{results}`; '
           'do not edit by hand.', '', '**Hardware** (from run.json):', '', *hardware(results), '',
           HYGIENE.format(n=f'{n_resamples:,}'.replace(',', ' '), m=MARGIN), '',
-          '⚠ marks an arm whose runs may not reflect HEAD (see the notes at the end).', '']
+          '⚠ marks an arm whose runs may not reflect HEAD (see the notes at the end); † an arm trained once as '
+          'another arm that differs from it only in how it samples (its checkpoint, that arm\'s validation '
+          'choice, evaluated with its own sampler; notes at the end).', '']
   notes = ['## Staleness notes', '', *[f'[^{i}]: {where} — {why}' for i, (where, why) in
                                        enumerate(report.stale.notes.items(), 1)], ''] if report.stale.notes else []
-  return '\n'.join(head + report.plain_reading() + body + notes)
+  shared = ['## Shared training notes', '', *[f'[^s{i}]: {where} — {why}' for i, (where, why) in
+                                              enumerate(report.stale.shared.items(), 1)], ''] \
+      if report.stale.shared else []
+  return '\n'.join(head + report.plain_reading() + body + notes + shared)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,11 @@ runs a few minutes later. Each finished run's small outputs (summary.json, per_c
 with the command, commit, device and wall time) are copied to `--results` (default experiments/results,
 committed); `python -m experiments.report` turns them into docs/RESULTS.md.
 
+An arm marked `trains_as` another (sweeps.Arm; the default arm trains as `anchored`) is not trained again:
+the plan checks that the two resolve to the same config but for `sampling.*`, runs the other arm's training
+once, and evaluates its checkpoint (the one that arm's validation Dice chose) on the test split with this
+arm's own sampling, into `eval/arm_<arm>/` of that workdir; run.json says which arm trained it.
+
 The budget sweep evaluates every setting of sweeps.BUDGET_SETTINGS x BUDGET_ENSEMBLES on the VALIDATION split
 of the `default` arm's checkpoint, chooses the best mean validation Dice over the seeds, and evaluates only that
 setting on the test split.
@@ -42,10 +47,22 @@ class Task:
   workdir: str
   results: str  # where the small outputs go
   deps: tuple[str, ...] = ()
-  kind: str = 'train'  # pretrain | train | budget_val | budget_test
+  kind: str = 'train'  # pretrain | train | shared_eval | budget_val | budget_test
   done: bool = False
   failed: bool = False
   keep_results: bool = False  # retrained only for its checkpoint: the collected results stay as they are
+  # an arm trained as another (sweeps.Arm.trains_as): {'trained_as': arm, 'checkpoint_chosen_with': sampler};
+  # its workdir is that arm's, and it only evaluates (kind shared_eval)
+  shared: dict | None = None
+
+
+def eval_dir(task: Task) -> str:
+  """Where a run's test evaluation lands: phase 0's and phase 1's own, or a shared arm's beside them."""
+  if task.kind == 'pretrain':
+    return os.path.join(task.workdir, 'pretrain', 'eval', 'test')
+  if task.shared:
+    return os.path.join(task.workdir, 'eval', f"arm_{task.key.split('/')[1]}", 'test')
+  return os.path.join(task.workdir, 'eval', 'test')
 
 
 def commit() -> tuple[str, bool]:
@@ -87,6 +104,46 @@ def _config_flag(dataset: sweeps.Dataset, tokens=()) -> str:
   return f'--config={dataset.config}' + (f':{args}' if args else '')
 
 
+def _arm_command(ds_name: str, arm_name: str, seed: int, root: str, common: list[str]
+                 ) -> tuple[list[str], str, tuple[str, ...]]:
+  """(main.py command, workdir, dependencies) of one phase-1 arm's training run."""
+  dataset, arm = sweeps.DATASETS[ds_name], sweeps.ARMS[arm_name]
+  workdir = os.path.join(root, ds_name, arm_name, f'seed{seed}')
+  command = [sys.executable, os.path.join(REPO, 'main.py'), _config_flag(dataset, arm.tokens),
+             f'--workdir={workdir}', *common, *arm.overrides]
+  deps = ()
+  if arm.shared_phase0:
+    command.append(f"--config.pretrain.checkpoint={os.path.join(root, ds_name, 'phase0', f'seed{seed}')}")
+    deps = (f'{ds_name}/segmenter/seed{seed}',)
+  pre_steps, steps = _steps(dataset)
+  if 'scratch' in arm.tokens:  # equal gradient steps: phase 0's are added to phase 1
+    command.append(f'--config.train.num_steps={steps + pre_steps}')
+  elif arm.steps_multiplier > 1:
+    command += [f'--config.train.num_steps={steps * arm.steps_multiplier}',
+                f'--config.pretrain.num_steps={pre_steps * arm.steps_multiplier}']
+  return command, workdir, deps
+
+
+class SharedTrainingError(ValueError):
+  """An arm marked `trains_as` another no longer trains like it; the message is one line."""
+
+
+def _shared_training(arm_name: str, command: list[str], source_name: str, source_command: list[str]) -> dict:
+  """{'checkpoint_chosen_with': the source's sampler} once checked that the two commands train the same
+  model (same config but for sampling.*, same phase-0 sharing and step multiplier)."""
+  arm, source = sweeps.ARMS[arm_name], sweeps.ARMS[source_name]
+  if source.trains_as or (arm.shared_phase0, arm.steps_multiplier) != (source.shared_phase0, source.steps_multiplier):
+    raise SharedTrainingError(f'arm {arm_name!r} cannot train as {source_name!r}: their runs are set up differently')
+  own, theirs = config_record.resolve(command[2:]), config_record.resolve(source_command[2:])
+  diffs = config_record.training_differences(own, theirs)
+  if diffs:
+    raise SharedTrainingError(f'arm {arm_name!r} no longer trains as {source_name!r} ({"; ".join(diffs[:3])}): '
+                              f'drop its trains_as in experiments/sweeps.py')
+  sampler = str(theirs.get('sampling.sampler'))
+  steps = theirs.get(f'sampling.{sampler}_steps')
+  return {'checkpoint_chosen_with': f'{sampler}:{steps}' if steps is not None and sampler != 'staged' else sampler}
+
+
 def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str],
          arms_filter=(), budget_settings: str = sweeps.BUDGET_SETTINGS,
          budget_ensembles: str = sweeps.BUDGET_ENSEMBLES, seed_limits: dict[str, int] | None = None) -> list[Task]:
@@ -125,31 +182,36 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           if arm is None:  # 'segmenter': phase 0 itself
             continue
           key = f'{ds_name}/{arm_name}/seed{seed}'
-          workdir = os.path.join(root, ds_name, arm_name, f'seed{seed}')
-          command = [*main_py, _config_flag(dataset, arm.tokens), f'--workdir={workdir}', *common, *arm.overrides]
-          deps = ()
-          if arm.shared_phase0:
-            command.append(f'--config.pretrain.checkpoint={phase0_dir}')
-            deps = (phase0_key,)
-          pre_steps, steps = _steps(dataset)
-          if 'scratch' in arm.tokens:  # equal gradient steps: phase 0's are added to phase 1
-            command.append(f'--config.train.num_steps={steps + pre_steps}')
-          elif arm.steps_multiplier > 1:
-            command += [f'--config.train.num_steps={steps * arm.steps_multiplier}',
-                        f'--config.pretrain.num_steps={pre_steps * arm.steps_multiplier}']
-          add(Task(key, command, workdir, os.path.join(results, key), deps))
+          command, workdir, deps = _arm_command(ds_name, arm_name, seed, root, common)
+          shared = None
+          if arm.trains_as:  # trained once, as the other arm; this one evaluates its checkpoint
+            source_key = f'{ds_name}/{arm.trains_as}/seed{seed}'
+            source_command, source_dir, source_deps = _arm_command(ds_name, arm.trains_as, seed, root, common)
+            shared = {'trained_as': arm.trains_as, **_shared_training(arm_name, command, arm.trains_as,
+                                                                      source_command)}
+            add(Task(source_key, source_command, source_dir, os.path.join(results, source_key), source_deps))
+            command = [c if not c.startswith('--workdir=') else f'--workdir={source_dir}' for c in command]
+            workdir, deps = source_dir, (source_key,)
+          add(Task(key, command, workdir, os.path.join(results, key), deps,
+                   kind='shared_eval' if shared else 'train', shared=shared))
           if sweep.budget:
             add(Task(key + '/budget_val', [*command[:2], '--mode=sweep', '--split=val', *command[2:],
                                            f'--sweep={budget_settings}',
                                            f'--ensemble_sizes={budget_ensembles}'],
-                     workdir, os.path.join(results, key), (key,), kind='budget_val'))
+                     workdir, os.path.join(results, key), (key,), kind='budget_val', shared=shared))
     if sweep.budget:
       for (_, arm_name), ds_name, seed in itertools.product(sweep.arms, sweep.datasets, seeds):
         key = f'{ds_name}/{arm_name}/seed{seed}'
         if key in tasks:  # chosen on the validation runs of every seed this dataset runs
           vals = tuple(f'{ds_name}/{arm_name}/seed{s}/budget_val' for s in seeds_of(ds_name))
           add(Task(key + '/budget_test', tasks[key].command, tasks[key].workdir, tasks[key].results, vals,
-                   kind='budget_test'))
+                   kind='budget_test', shared=tasks[key].shared))
+  for task in tasks.values():  # a shared arm's validation sweep writes where its source's does: one at a time
+    if task.shared and task.kind == 'budget_val':
+      ds_name, _, seed_dir = task.key.split('/')[:3]
+      source_val = f"{ds_name}/{task.shared['trained_as']}/{seed_dir}/budget_val"
+      if source_val in tasks:
+        task.deps += (source_val,)
   return list(tasks.values())
 
 
@@ -196,7 +258,7 @@ def phase0_cases(task: Task) -> str | None:
   """The per_case.csv of the phase-0 run a phase-1 task loaded (--config.pretrain.checkpoint), if present."""
   flag = '--config.pretrain.checkpoint='
   dirs = [c[len(flag):] for c in task.command if c.startswith(flag)]
-  if task.kind != 'train' or not dirs:
+  if task.kind not in ('train', 'shared_eval') or not dirs:
     return None
   path = os.path.join(dirs[-1], 'pretrain', 'eval', 'test', 'per_case.csv')
   return path if os.path.exists(path) else None
@@ -212,12 +274,9 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
     return
   if task.kind == 'budget_test':
     return  # written by run_budget_test
-  if task.kind == 'pretrain':
-    eval_dir, curve_name = os.path.join(task.workdir, 'pretrain', 'eval', 'test'), 'pretrain/val/dice'
-  else:
-    eval_dir, curve_name = os.path.join(task.workdir, 'eval', 'test'), 'val/dice'
+  test_dir, curve_name = eval_dir(task), 'pretrain/val/dice' if task.kind == 'pretrain' else 'val/dice'
   for name in ('summary.json', 'per_case.csv'):
-    shutil.copy(os.path.join(eval_dir, name), os.path.join(task.results, name))
+    shutil.copy(os.path.join(test_dir, name), os.path.join(task.results, name))
   _write_curve(task.workdir, curve_name, os.path.join(task.results, 'curve.csv'))
   phase0 = phase0_cases(task)
   if phase0 is not None:  # the test results of the very segmenter this run started from ("its own phase 0")
@@ -225,12 +284,17 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
   dataset, arm, seed = task.key.split('/')[:3]
   record = {'arm': arm, 'dataset': dataset, 'seed': int(seed[4:]),
             'command': [os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:]],
-            'commit': run_commit[0], 'dirty': run_commit[1], 'device': _device_of(os.path.join(eval_dir, 'summary.json')),
-            'hardware': hardware}
+            'commit': run_commit[0], 'dirty': run_commit[1], 'device': _device_of(os.path.join(test_dir, 'summary.json')),
+            'hardware': hardware, **(task.shared or {})}
   try:  # what the command resolved to, so the page can tell a changed default from an unchanged arm
     record['config'] = config_record.resolve(task.command[2:])
   except config_record.ConfigError as e:
     record['config_error'] = str(e)
+  if task.shared:  # the training it evaluates was the source arm's run
+    source = _json_or_empty(os.path.join(os.path.dirname(os.path.dirname(task.results)), task.shared['trained_as'],
+                                         seed, 'run.json'))
+    if source.get('wall_seconds') is not None:
+      record['training_wall_seconds'] = source['wall_seconds']
   if started is not None:
     record.update(wall_seconds=round(time.time() - started, 1),
                   started=datetime.datetime.fromtimestamp(started).isoformat(timespec='seconds'),
@@ -239,6 +303,14 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
     record.update(wall_seconds=None if wall_seconds is None else round(wall_seconds, 1), collected=datetime.datetime.now().isoformat(timespec='seconds'))
   with open(os.path.join(task.results, 'run.json'), 'w') as f:
     json.dump(record, f, indent=2)
+
+
+def _json_or_empty(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def _log_span_seconds(workdir: str, kind: str) -> float | None:
@@ -268,10 +340,9 @@ def collect_only(tasks: list[Task], hardware: str) -> int:
   results, with the wall time read from its log; starts nothing."""
   run_commit, count = commit(), 0
   for task in tasks:
-    if task.kind not in ('pretrain', 'train') or _finished(task):
+    if task.kind not in ('pretrain', 'train', 'shared_eval') or _finished(task):
       continue
-    eval_dir = os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'eval', 'test')
-    if os.path.exists(os.path.join(eval_dir, 'summary.json')):
+    if os.path.exists(os.path.join(eval_dir(task), 'summary.json')):
       collect(task, None, run_commit, hardware, _log_span_seconds(task.workdir, task.kind))
       count += 1
   print(f'collected {count} finished runs', flush=True)
@@ -294,7 +365,7 @@ def budget_test_command(task: Task, choice: dict) -> tuple[list[str], str, str]:
   """(command, label, output directory) of the test evaluation of the setting chosen on validation."""
   sampler, _, steps = choice['sampler'].partition(':')
   label = f"{sampler}{steps}_x{choice['ensemble_size']}"
-  out = os.path.join(task.workdir, 'eval', 'budget_test', label)
+  out = os.path.join(os.path.dirname(eval_dir(task)), 'budget_test', label)
   flags = [f'--config.sampling.sampler={sampler}', f"--config.sampling.ensemble_size={choice['ensemble_size']}",
            f"--config.sampling.fusion={choice['fusion']}"]
   if steps:
@@ -343,6 +414,8 @@ class Runner:
     if task.kind == 'budget_test':
       dirs = [self.by_key[d].results for d in task.deps]  # KeyError: a seed the plan left out
       command, label, out = budget_test_command(task, choose_budget(dirs))
+    elif task.kind == 'shared_eval':  # the source arm's checkpoint, this arm's sampling, the test split
+      command = [*task.command[:2], '--mode=eval', f'--output={eval_dir(task)}', *task.command[2:]]
     os.makedirs(task.workdir, exist_ok=True)
     with open(os.path.join(task.workdir, f'log_{task.kind}.txt'), 'a') as log:
       process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -352,7 +425,7 @@ class Runner:
     with self.lock:
       del self.running[task.key]
     finished = code == 0 and (task.kind in ('budget_val', 'budget_test') or os.path.exists(
-        os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'eval', 'test', 'summary.json')))
+        os.path.join(eval_dir(task), 'summary.json')))
     if finished and task.kind == 'budget_test':
       kept = os.path.join(task.results, 'budget_test', label)
       os.makedirs(kept, exist_ok=True)
@@ -371,8 +444,8 @@ class Runner:
       task.done = _finished(task)
     needed = {d for t in self.tasks if not t.done for d in t.deps}
     for task in self.tasks:  # results from elsewhere (another machine) but no checkpoint here for a dependent
-      if task.kind == 'pretrain' and task.done and task.key in needed and not os.path.isdir(
-          os.path.join(task.workdir, 'pretrain', 'checkpoints')):
+      if task.kind in ('pretrain', 'train') and task.done and task.key in needed and not os.path.isdir(
+          os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'checkpoints')):
         task.done, task.keep_results = False, True
     todo = sum(not t.done for t in self.tasks)
     print(f'{len(self.tasks)} tasks, {len(self.tasks) - todo} already finished, {todo} to run', flush=True)

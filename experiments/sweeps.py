@@ -41,6 +41,10 @@ class Arm:
   shared_phase0: bool = True  # False: no phase 0 (scratch); its steps are added to phase 1
   steps_multiplier: int = 1  # phase-1 (and phase-0) steps x this (unified at equal total compute)
   only_dataset: str | None = None
+  # Trained once as that arm: the two must resolve to the same config but for `sampling.*` (the runner checks);
+  # this arm then evaluates that arm's checkpoint with its own sampling. The checkpoint is the one that arm's
+  # validation Dice chose, at that arm's sampler; run.json and the page say so.
+  trains_as: str | None = None
 
 
 def _stages(table: str) -> str:
@@ -58,8 +62,10 @@ _PLAIN = ('plain', 'three_stage')  # the method before the anchored default (con
 
 ARMS = {
     # the configuration's own defaults, whatever they are at the commit that runs them (since 2026-11-27 the
-    # anchored method sampled with 2 DDIM steps; a run records its resolved config, so the page sees a change)
-    'default': Arm(),
+    # anchored method sampled with 2 DDIM steps; a run records its resolved config, so the page sees a change).
+    # Its training is the `anchored` arm's (they differ only in the sampler), so it is trained once; if the
+    # default's training changes, the runner stops with the fields that differ and this link must go.
+    'default': Arm(trains_as='anchored'),
     # targets, inside the default method (equal steps; evaluated at the default budget, equal NFE)
     'eps_only': Arm(overrides=(_stages('0:1000 eps steps=10'),)),
     'x0_only': Arm(overrides=(_X0_ONLY_BCE,)),

@@ -327,3 +327,28 @@ def test_attention_runs_of_one_dataset_are_also_drawn_side_by_side(tmp_path):
   assert any('attention_synthetic_side_by_side.png' in line for line in lines)
   assert os.path.getsize(tmp_path / 'docs' / 'results_png' / 'attention_synthetic_side_by_side.png') > 1000
   assert row(section(text, '### synthetic / eps_only'), '500')[2] == '1'  # its own table stays
+
+
+def test_an_arm_trained_as_another_is_marked_and_counts_that_training_in_its_wall_time(tmp_path):
+  results = str(tmp_path / 'results')
+  for seed in range(2):
+    base = base_dice('kvasir_seg', seed)
+    write_run(results, 'kvasir_seg', 'segmenter', seed, base - 0.1)
+    write_run(results, 'kvasir_seg', 'anchored', seed, base)
+    directory = write_run(results, 'kvasir_seg', 'default', seed, base + 0.01)
+    path = os.path.join(directory, 'run.json')
+    with open(path) as f:
+      record = json.load(f)
+    record.update(trained_as='anchored', checkpoint_chosen_with='staged', training_wall_seconds=540.0)
+    with open(path, 'w') as f:
+      json.dump(record, f)
+  sweeps = {'budget': Sweep('budget', 'Budget?', (('default config', 'default'), ('anchored', 'anchored')),
+                            'segmenter', ('kvasir_seg',))}
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  lines = section(text, '### budget — kvasir_seg')
+  default, anchored = row(lines, 'default config'), row(lines, 'anchored')
+  assert '†[^s1]' in default[0] and '†' not in anchored[0]
+  assert default[-1] == f'{(60 + 540 + 120 + 540) / 2 / 60:.1f}' and anchored[-1] == f'{(60 + 120) / 2 / 60:.1f}'
+  notes = section(text, '## Shared training notes')
+  assert any(line.startswith('[^s1]: kvasir_seg/default') and 'arm `anchored`' in line and '`staged`' in line
+             for line in notes)

@@ -18,7 +18,7 @@ FAKE_MAIN = textwrap.dedent('''
     workdir = args['--workdir']
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), 'calls.txt'), 'a') as f:
-      f.write(mode + ' ' + workdir + '\\n')
+      f.write(' '.join([mode, workdir] + ([args['--output']] if '--output' in args else [])) + '\\n')
     flaky = os.path.join(workdir, 'fail_once')
     if os.path.exists(flaky):  # an interrupted run: exits without results the first time
       os.remove(flaky)
@@ -105,7 +105,8 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   open(os.path.join(interrupted.workdir, 'fail_once'), 'w').close()
   assert run_lib.Runner(tasks, 2, None, 'test').run() == 1  # one run stopped without results
   results = tmp_path / 'results' / 'synthetic'
-  assert sorted(os.listdir(results)) == ['default', 'eps_only', 'segmenter', 'two_stage', 'v_only']
+  # the default arm trains as `anchored` (same config but its sampler): that run is collected too
+  assert sorted(os.listdir(results)) == ['anchored', 'default', 'eps_only', 'segmenter', 'two_stage', 'v_only']
   record = json.loads((results / 'eps_only' / 'seed0' / 'run.json').read_text())
   assert record['commit'] == 'abc123' and record['seed'] == 0 and record['hardware'] == 'test'
   # the config its command resolved to: the arm's stage table on the synthetic profile, this seed
@@ -119,9 +120,10 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   assert not (results / 'segmenter' / 'seed0' / run_lib.PHASE0_CASES).exists()
   first = len(_calls(tmp_path))
   modes = [c.split()[0] for c in _calls(tmp_path)]
-  assert modes.count('pretrain') == 1 and modes.count('train') == 5  # phase 0 + five arms (x0_only interrupted)
+  # phase 0, five trainings (x0_only interrupted; anchored for the default), the default's own test evaluation
+  assert modes.count('pretrain') == 1 and modes.count('train') == 5
   # the targets sweep gives each finished arm its validation budget grid and one test at its choice
-  assert modes.count('sweep') == 4 and modes.count('eval') == 4
+  assert modes.count('sweep') == 4 and modes.count('eval') == 4 + 1
   # Rerun: finished runs are skipped, the interrupted one runs again and finishes, then gets its budget.
   assert run_lib.Runner(make(['targets'], seeds=(0,)), 2, None, 'test').run() == 0
   assert [c.split()[0] for c in _calls(tmp_path)[first:]] == ['train', 'sweep', 'eval']
@@ -152,8 +154,8 @@ def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
     for seed in (0, 1):
       kept = tmp_path / 'results' / 'synthetic' / arm / f'seed{seed}' / 'budget_test'
       assert os.listdir(kept) == ['ddim5_x3']  # best mean validation Dice (0.6 + 0.01 * seed)
-  evals = [c for c in _calls(tmp_path) if c.startswith('eval ')]
-  assert sorted(e.rsplit('/', 2)[-2] for e in evals) == sorted(arms * 2)  # the test split once per arm and seed
+  tests = [c.split()[2] for c in _calls(tmp_path) if c.startswith('eval ') and '/budget_test/' in c]
+  assert len(tests) == len(set(tests)) == len(arms) * 2  # the test split once per arm and seed, each its own output
 
 
 def test_choose_budget_needs_every_seed(tmp_path):
@@ -201,3 +203,62 @@ def test_a_runner_error_fails_the_task_instead_of_hanging_the_sweep(fake):
   test.deps = (*test.deps, 'synthetic/default/seed9/budget_val')  # unknown to the runner
   assert run_lib.Runner(tasks, 1, None, 'test').run() == 1
   assert test.failed and all(t.done for t in tasks if t is not test)
+
+
+def test_an_arm_that_trains_as_another_evaluates_its_checkpoint_with_its_own_sampler(tmp_path):
+  tasks = {t.key: t for t in run_lib.plan(['budget'], ['synthetic'], [0], str(tmp_path / 'runs'),
+                                          str(tmp_path / 'results'), [], arms_filter=('default',))}
+  default, anchored = tasks['synthetic/default/seed0'], tasks['synthetic/anchored/seed0']  # planned for it
+  assert default.kind == 'shared_eval' and anchored.kind == 'train' and default.deps == (anchored.key,)
+  assert default.workdir == anchored.workdir and f'--workdir={anchored.workdir}' in default.command
+  assert default.shared == {'trained_as': 'anchored', 'checkpoint_chosen_with': 'staged'}
+  assert default.results.endswith('synthetic/default/seed0')
+  # what the default arm resolves to differs from anchored in the sampler only
+  diffs = config_record.differences(config_record.resolve(default.command[2:]),
+                                    config_record.resolve(anchored.command[2:]))
+  assert diffs == ["sampling.ddim_steps: 2 -> 100", "sampling.sampler: 'ddim' -> 'staged'"]
+  assert run_lib.eval_dir(default) == os.path.join(anchored.workdir, 'eval', 'arm_default', 'test')
+  test = tasks['synthetic/default/seed0/budget_test']
+  command, label, out = run_lib.budget_test_command(test, {'sampler': 'ddim:2', 'ensemble_size': 1, 'fusion': 'mean'})
+  assert out == os.path.join(anchored.workdir, 'eval', 'arm_default', 'budget_test', 'ddim2_x1') and label == 'ddim2_x1'
+  # both arms' validation sweeps write into the one workdir: they run one after the other
+  both = {t.key: t for t in run_lib.plan(['budget'], ['synthetic'], [0], '/r', '/res', [])}
+  assert 'synthetic/anchored/seed0/budget_val' in both['synthetic/default/seed0/budget_val'].deps
+
+
+def test_trains_as_is_refused_once_the_two_arms_train_differently(monkeypatch):
+  arms = dict(sweeps.ARMS)
+  arms['sampled_otherwise'] = sweeps.Arm(('frozen',), ('--config.sampling.ddim_steps=7',), trains_as='default_frozen')
+  arms['trained_otherwise'] = sweeps.Arm(('frozen',), ('--config.loss.aux_weight=0.25',), trains_as='default_frozen')
+  monkeypatch.setattr(sweeps, 'ARMS', arms)
+  common = ['--config.seed=0', *sweeps.DATASETS['kvasir_seg'].overrides]
+  own, _, _ = run_lib._arm_command('kvasir_seg', 'sampled_otherwise', 0, '/r', common)  # pylint: disable=protected-access
+  source, _, _ = run_lib._arm_command('kvasir_seg', 'default_frozen', 0, '/r', common)  # pylint: disable=protected-access
+  assert run_lib._shared_training('sampled_otherwise', own, 'default_frozen', source) == {  # pylint: disable=protected-access
+      'checkpoint_chosen_with': 'ddim:2'}
+  own, _, _ = run_lib._arm_command('kvasir_seg', 'trained_otherwise', 0, '/r', common)  # pylint: disable=protected-access
+  with pytest.raises(run_lib.SharedTrainingError, match=r"no longer trains as 'default_frozen' \(loss.aux_weight: 0.25 -> 1.0\)"):
+    run_lib._shared_training('trained_otherwise', own, 'default_frozen', source)  # pylint: disable=protected-access
+  with pytest.raises(run_lib.SharedTrainingError, match='set up differently'):
+    run_lib._shared_training('default_scratch', own, 'default_frozen', source)  # pylint: disable=protected-access
+
+
+def test_a_shared_arm_trains_once_and_records_what_it_evaluated(fake):
+  make, tmp_path = fake
+  tasks = [t for t in make(['budget'], seeds=(0,)) if t.key.split('/')[1] in ('default', 'anchored', 'segmenter')]
+  assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
+  calls = _calls(tmp_path)
+  anchored_dir = next(t.workdir for t in tasks if t.key == 'synthetic/anchored/seed0')
+  assert [c for c in calls if c.startswith('train ')] == [f'train {anchored_dir}']  # one training, none for default
+  results = tmp_path / 'results' / 'synthetic'
+  record = json.loads((results / 'default' / 'seed0' / 'run.json').read_text())
+  source = json.loads((results / 'anchored' / 'seed0' / 'run.json').read_text())
+  assert record['trained_as'] == 'anchored' and record['checkpoint_chosen_with'] == 'staged'
+  assert record['training_wall_seconds'] == source['wall_seconds']
+  assert record['config']['sampling.sampler'] == 'ddim' and source['config']['sampling.sampler'] == 'staged'
+  # its own test evaluation (the fake's eval Dice), the source's training curve, the shared phase 0
+  assert json.loads((results / 'default' / 'seed0' / 'summary.json').read_text())['mean']['dice'] == 0.0
+  assert (results / 'default' / 'seed0' / 'curve.csv').read_text() == (results / 'anchored' / 'seed0' / 'curve.csv').read_text()
+  assert (results / 'default' / 'seed0' / run_lib.PHASE0_CASES).exists()
+  assert os.listdir(results / 'default' / 'seed0' / 'budget_test') == ['ddim5_x3']
+  assert os.path.isdir(os.path.join(anchored_dir, 'eval', 'arm_default', 'budget_test', 'ddim5_x3'))
