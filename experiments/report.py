@@ -305,6 +305,14 @@ class Staleness:
             if diffs else None)
 
   def reason(self, record: Mapping) -> str | None:
+    own = self._own_reason(record)
+    if own is None and 'training_run' in record:  # trained as another arm: that run must stand too
+      source = record['training_run']
+      why = self._own_reason(source) if source else 'its training run left no record'
+      return None if why is None else f"its training run (arm {source.get('arm', '?')}): {why}"
+    return own
+
+  def _own_reason(self, record: Mapping) -> str | None:
     commit = str(record.get('commit') or 'unknown')
     if commit == 'unknown':
       return 'commit unknown'

@@ -290,9 +290,11 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
     record['config'] = config_record.resolve(task.command[2:])
   except config_record.ConfigError as e:
     record['config_error'] = str(e)
-  if task.shared:  # the training it evaluates was the source arm's run
+  if task.shared:  # the training it evaluates was the source arm's run: its record goes along (staleness, time)
     source = _json_or_empty(os.path.join(os.path.dirname(os.path.dirname(task.results)), task.shared['trained_as'],
                                          seed, 'run.json'))
+    record['training_run'] = {k: source[k] for k in ('arm', 'dataset', 'seed', 'commit', 'dirty', 'config')
+                              if k in source}
     if source.get('wall_seconds') is not None:
       record['training_wall_seconds'] = source['wall_seconds']
   if started is not None:

@@ -339,7 +339,9 @@ def test_an_arm_trained_as_another_is_marked_and_counts_that_training_in_its_wal
     path = os.path.join(directory, 'run.json')
     with open(path) as f:
       record = json.load(f)
-    record.update(trained_as='anchored', checkpoint_chosen_with='staged', training_wall_seconds=540.0)
+    record.update(trained_as='anchored', checkpoint_chosen_with='staged', training_wall_seconds=540.0,
+                  training_run={'arm': 'anchored', 'dataset': 'kvasir_seg', 'seed': seed,
+                                'commit': 'unknown' if seed else record['commit'], 'dirty': False})
     with open(path, 'w') as f:
       json.dump(record, f)
   sweeps = {'budget': Sweep('budget', 'Budget?', (('default config', 'default'), ('anchored', 'anchored')),
@@ -348,6 +350,9 @@ def test_an_arm_trained_as_another_is_marked_and_counts_that_training_in_its_wal
   lines = section(text, '### budget — kvasir_seg')
   default, anchored = row(lines, 'default config'), row(lines, 'anchored')
   assert '†[^s1]' in default[0] and '†' not in anchored[0]
+  # a shared run stands only if the training it evaluated does (seed 1's training run: commit unknown)
+  assert '⚠' in default[0] and any('kvasir_seg/default' in line and 'seed 1: its training run (arm anchored): '
+                                   'commit unknown' in line for line in section(text, '## Staleness notes'))
   assert default[-1] == f'{(60 + 540 + 120 + 540) / 2 / 60:.1f}' and anchored[-1] == f'{(60 + 120) / 2 / 60:.1f}'
   notes = section(text, '## Shared training notes')
   assert any(line.startswith('[^s1]: kvasir_seg/default') and 'arm `anchored`' in line and '`staged`' in line

@@ -255,6 +255,7 @@ def test_a_shared_arm_trains_once_and_records_what_it_evaluated(fake):
   source = json.loads((results / 'anchored' / 'seed0' / 'run.json').read_text())
   assert record['trained_as'] == 'anchored' and record['checkpoint_chosen_with'] == 'staged'
   assert record['training_wall_seconds'] == source['wall_seconds']
+  assert record['training_run'] == {k: source[k] for k in ('arm', 'dataset', 'seed', 'commit', 'dirty', 'config')}
   assert record['config']['sampling.sampler'] == 'ddim' and source['config']['sampling.sampler'] == 'staged'
   # its own test evaluation (the fake's eval Dice), the source's training curve, the shared phase 0
   assert json.loads((results / 'default' / 'seed0' / 'summary.json').read_text())['mean']['dice'] == 0.0
