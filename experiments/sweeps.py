@@ -68,7 +68,7 @@ ARMS = {
     'default': Arm(trains_as='anchored'),
     # targets, inside the default method (equal steps; evaluated at the default budget, equal NFE)
     'eps_only': Arm(overrides=(_stages('0:1000 eps steps=10'),)),
-    'x0_only': Arm(overrides=(_X0_ONLY_BCE,)),
+    'x0_only': Arm(overrides=(_X0_ONLY_BCE,), trains_as='anchored_x0'),  # the same model, sampled as the default
     'v_only': Arm(overrides=(_stages('0:1000 v steps=10'),)),
     'two_stage': Arm(overrides=(_stages('500:1000 x0 loss=bce_dice steps=1; 0:500 eps steps=9'),)),
     # the plain method's targets and encoder arms (equal steps, equal NFE: 10 per image, staged sampler)

@@ -100,13 +100,15 @@ def test_unified_arms_run_only_on_the_unified_data():
 def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   make, tmp_path = fake
   tasks = make(['targets'], seeds=(0,))
-  interrupted = next(t for t in tasks if t.key == 'synthetic/x0_only/seed0')
+  interrupted = next(t for t in tasks if t.key == 'synthetic/v_only/seed0')
   os.makedirs(interrupted.workdir)
   open(os.path.join(interrupted.workdir, 'fail_once'), 'w').close()
   assert run_lib.Runner(tasks, 2, None, 'test').run() == 1  # one run stopped without results
   results = tmp_path / 'results' / 'synthetic'
-  # the default arm trains as `anchored` (same config but its sampler): that run is collected too
-  assert sorted(os.listdir(results)) == ['anchored', 'default', 'eps_only', 'segmenter', 'two_stage', 'v_only']
+  # the default and x0-only arms train as `anchored` and `anchored_x0` (same configs but the sampler): those runs
+  # are collected too
+  assert sorted(os.listdir(results)) == ['anchored', 'anchored_x0', 'default', 'eps_only', 'segmenter', 'two_stage',
+                                         'x0_only']
   record = json.loads((results / 'eps_only' / 'seed0' / 'run.json').read_text())
   assert record['commit'] == 'abc123' and record['seed'] == 0 and record['hardware'] == 'test'
   # the config its command resolved to: the arm's stage table on the synthetic profile, this seed
@@ -120,15 +122,15 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   assert not (results / 'segmenter' / 'seed0' / run_lib.PHASE0_CASES).exists()
   first = len(_calls(tmp_path))
   modes = [c.split()[0] for c in _calls(tmp_path)]
-  # phase 0, five trainings (x0_only interrupted; anchored for the default), the default's own test evaluation
+  # phase 0, five trainings (v_only interrupted; two as other arms), the two shared arms' own test evaluations
   assert modes.count('pretrain') == 1 and modes.count('train') == 5
   # the targets sweep gives each finished arm its validation budget grid and one test at its choice
-  assert modes.count('sweep') == 4 and modes.count('eval') == 4 + 1
+  assert modes.count('sweep') == 4 and modes.count('eval') == 4 + 2
   # Rerun: finished runs are skipped, the interrupted one runs again and finishes, then gets its budget.
   assert run_lib.Runner(make(['targets'], seeds=(0,)), 2, None, 'test').run() == 0
   assert [c.split()[0] for c in _calls(tmp_path)[first:]] == ['train', 'sweep', 'eval']
   assert _calls(tmp_path)[first] == f"train {interrupted.workdir}"
-  assert (results / 'x0_only' / 'seed0' / 'summary.json').exists()
+  assert (results / 'v_only' / 'seed0' / 'summary.json').exists()
 
 
 def test_phase0_results_without_a_checkpoint_are_retrained_for_the_arms_but_kept(fake):
