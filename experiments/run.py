@@ -266,21 +266,17 @@ def phase0_cases(task: Task) -> str | None:
 
 def collect(task: Task, started: float | None, run_commit: tuple[str, bool], hardware: str,
             wall_seconds: float | None = None) -> None:
-  """Copies a finished run's small outputs to its results directory, with run.json."""
-  os.makedirs(task.results, exist_ok=True)
+  """Copies a finished run's small outputs to its results directory, with run.json. A training run also
+  leaves its run.json in its workdir: the record of the checkpoint there, which an arm trained as it cites.
+  A run retrained only for its checkpoint (keep_results) writes that one and leaves its results as they are."""
   if task.kind == 'budget_val':
+    os.makedirs(task.results, exist_ok=True)
     shutil.copy(os.path.join(task.workdir, 'eval', 'sweep', 'sweep.json'),
                 os.path.join(task.results, 'budget_val.json'))
     return
   if task.kind == 'budget_test':
     return  # written by run_budget_test
   test_dir, curve_name = eval_dir(task), 'pretrain/val/dice' if task.kind == 'pretrain' else 'val/dice'
-  for name in ('summary.json', 'per_case.csv'):
-    shutil.copy(os.path.join(test_dir, name), os.path.join(task.results, name))
-  _write_curve(task.workdir, curve_name, os.path.join(task.results, 'curve.csv'))
-  phase0 = phase0_cases(task)
-  if phase0 is not None:  # the test results of the very segmenter this run started from ("its own phase 0")
-    shutil.copy(phase0, os.path.join(task.results, PHASE0_CASES))
   dataset, arm, seed = task.key.split('/')[:3]
   record = {'arm': arm, 'dataset': dataset, 'seed': int(seed[4:]),
             'command': [os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:]],
@@ -290,9 +286,10 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
     record['config'] = config_record.resolve(task.command[2:])
   except config_record.ConfigError as e:
     record['config_error'] = str(e)
-  if task.shared:  # the training it evaluates was the source arm's run: its record goes along (staleness, time)
-    source = _json_or_empty(os.path.join(os.path.dirname(os.path.dirname(task.results)), task.shared['trained_as'],
-                                         seed, 'run.json'))
+  if task.shared:  # the training it evaluates: the run that left its record in the workdir (else the results')
+    source = (_json_or_empty(os.path.join(task.workdir, 'run.json')) or
+              _json_or_empty(os.path.join(os.path.dirname(os.path.dirname(task.results)), task.shared['trained_as'],
+                                          seed, 'run.json')))
     record['training_run'] = {k: source[k] for k in ('arm', 'dataset', 'seed', 'commit', 'dirty', 'config')
                               if k in source}
     if source.get('wall_seconds') is not None:
@@ -303,7 +300,22 @@ def collect(task: Task, started: float | None, run_commit: tuple[str, bool], har
                   finished=datetime.datetime.now().isoformat(timespec='seconds'))
   else:  # collect_only: the span of the run's log
     record.update(wall_seconds=None if wall_seconds is None else round(wall_seconds, 1), collected=datetime.datetime.now().isoformat(timespec='seconds'))
-  with open(os.path.join(task.results, 'run.json'), 'w') as f:
+  if task.kind == 'train':
+    _write_json(os.path.join(task.workdir, 'run.json'), record)
+  if task.keep_results:
+    return
+  os.makedirs(task.results, exist_ok=True)
+  for name in ('summary.json', 'per_case.csv'):
+    shutil.copy(os.path.join(test_dir, name), os.path.join(task.results, name))
+  _write_curve(task.workdir, curve_name, os.path.join(task.results, 'curve.csv'))
+  phase0 = phase0_cases(task)
+  if phase0 is not None:  # the test results of the very segmenter this run started from ("its own phase 0")
+    shutil.copy(phase0, os.path.join(task.results, PHASE0_CASES))
+  _write_json(os.path.join(task.results, 'run.json'), record)
+
+
+def _write_json(path: str, record: dict) -> None:
+  with open(path, 'w') as f:
     json.dump(record, f, indent=2)
 
 
@@ -433,7 +445,7 @@ class Runner:
       os.makedirs(kept, exist_ok=True)
       for name in ('summary.json', 'per_case.csv'):
         shutil.copy(os.path.join(out, name), os.path.join(kept, name))
-    elif finished and not task.keep_results:
+    elif finished:
       collect(task, started, self.commit, self.hardware)
     with self.lock:
       task.done, task.failed = finished, not finished

@@ -38,6 +38,7 @@ FAKE_MAIN = textwrap.dedent('''
       os.makedirs(os.path.join(workdir, 'pretrain', 'checkpoints'), exist_ok=True)
     elif mode == 'train':
       write(os.path.join(workdir, 'eval', 'test'), '')
+      os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)
     elif mode == 'sweep':
       out = os.path.join(workdir, 'eval', 'sweep')
       os.makedirs(out, exist_ok=True)
@@ -265,3 +266,21 @@ def test_a_shared_arm_trains_once_and_records_what_it_evaluated(fake):
   assert (results / 'default' / 'seed0' / run_lib.PHASE0_CASES).exists()
   assert os.listdir(results / 'default' / 'seed0' / 'budget_test') == ['ddim5_x3']
   assert os.path.isdir(os.path.join(anchored_dir, 'eval', 'arm_default', 'budget_test', 'ddim5_x3'))
+
+
+def test_a_shared_arm_cites_the_training_it_evaluated_even_when_that_run_was_retrained_for_its_checkpoint(fake):
+  """The source arm's results came from another machine (no checkpoint here): it retrains for the shared arm,
+  keeps its results, and the shared arm's record names the retrained run, not the one in the results."""
+  make, tmp_path = fake
+  kept = tmp_path / 'results' / 'synthetic' / 'anchored' / 'seed0'
+  os.makedirs(kept)
+  (kept / 'summary.json').write_text('{"from": "elsewhere"}')
+  (kept / 'run.json').write_text(json.dumps({'arm': 'anchored', 'commit': 'elsewhere', 'wall_seconds': 12345.0}))
+  tasks = [t for t in make(['method'], seeds=(0,)) if t.key.split('/')[1] in ('default', 'anchored', 'segmenter')]
+  assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
+  assert [c.split()[0] for c in _calls(tmp_path)] == ['pretrain', 'train', 'eval']
+  assert json.loads((kept / 'summary.json').read_text()) == {'from': 'elsewhere'}
+  assert json.loads((kept / 'run.json').read_text())['commit'] == 'elsewhere'
+  record = json.loads((tmp_path / 'results' / 'synthetic' / 'default' / 'seed0' / 'run.json').read_text())
+  assert record['training_run']['commit'] == 'abc123' and record['training_run']['arm'] == 'anchored'
+  assert record['training_wall_seconds'] != 12345.0
