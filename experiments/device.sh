@@ -8,7 +8,7 @@
 # the runner is ended after this long whatever it is doing, so that the results are always packed before the
 # device call's own limit. RUNNER_ARGS: more runner flags (--arms=..., --budget_settings=..., --smoke).
 # Results come back as $OUT/results.tgz (the layout of experiments/results: `tar xzf results.tgz -C experiments`)
-# and $OUT/runs.tgz (every run's summary, per-case results, scalars and log, for `experiments.run --collect_only`);
+# and $OUT/runs.tgz (every run's summary, per-case results, scalars, log and workdir run.json, for `experiments.run --collect_only`);
 # the device tool returns files, not deep folder trees.
 set -u
 OUT=${OUT:-/tmp/device_out}; JOBS=${JOBS:-12}; MINUTES=${MINUTES:-7}; GRACE=${GRACE:-4}
@@ -24,6 +24,6 @@ timeout "$HARD_SECONDS" "$PY" -m experiments.run "$SWEEPS" --seeds="$SEEDS" --se
   --root=/tmp/experiment_runs --results="$OUT/results" ${RUNNER_ARGS:-} -- --config.data.pack_dir=devpack/packs
 status=$?
 tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
-(cd /tmp/experiment_runs && find . \( -name summary.json -o -name per_case.csv -o -name scalars.jsonl -o -name 'log_*.txt' \) \
+(cd /tmp/experiment_runs && find . \( -name summary.json -o -name per_case.csv -o -name scalars.jsonl -o -name 'log_*.txt' -o -name run.json \) \
   -not -path '*/checkpoints/*' | tar czf "$OUT/runs.tgz" -T -)
 exit $status
