@@ -14,9 +14,9 @@ the plan checks that the two resolve to the same config but for `sampling.*`, ru
 once, and evaluates its checkpoint (the one that arm's validation Dice chose) on the test split with this
 arm's own sampling, into `eval/arm_<arm>/` of that workdir; run.json says which arm trained it.
 
-The budget sweep evaluates every setting of sweeps.BUDGET_SETTINGS x BUDGET_ENSEMBLES on the VALIDATION split
-of the `default` arm's checkpoint, chooses the best mean validation Dice over the seeds, and evaluates only that
-setting on the test split.
+A sweep with `budget=True` (budget, targets) evaluates every setting of sweeps.BUDGET_SETTINGS x
+BUDGET_ENSEMBLES on the VALIDATION split of each arm's checkpoint, chooses the arm's best mean validation Dice
+over the seeds, and evaluates only that setting on the test split.
 """
 
 from __future__ import annotations
