@@ -352,6 +352,17 @@ class Staleness:
     return f' †[^s{list(self.shared).index(where) + 1}]'
 
 
+def _val_sampler(runs: Mapping[int, Run]) -> str:
+  """The sampler of the validation runs behind a curve (an arm trained as another: that arm's), from run.json."""
+  found = set()
+  for run in runs.values():
+    config = run.record.get('config') or {}
+    sampler = str(config.get('sampling.sampler', '?'))
+    steps = config.get(f'sampling.{sampler}_steps') if sampler != 'staged' else None
+    found.add(run.record.get('checkpoint_chosen_with') or (f'{sampler}:{steps}' if steps is not None else sampler))
+  return ', '.join(sorted(found)) or '?'
+
+
 def _pct(x) -> str:
   return '–' if x is None or not np.isfinite(x) else f'{100 * x:.1f}'
 
@@ -547,11 +558,13 @@ class Report:
       plot_curves(path, f'{dataset}: validation Dice', {labels[a]: c for a, c in curves.items()}, target)
       lines += [f'**{dataset}** — first step at which the seed-mean validation Dice reaches the final validation '
                 f'Dice of {labels.get(sweep.reference, sweep.reference)} ({_pct(target)} %)', '',
-                '| arm | seeds with a curve | final val Dice % | first step reaching it |', '|---|---:|---:|---:|']
+                '| arm | seeds with a curve | validated with | final val Dice % | first step reaching it |',
+                '|---|---:|---|---:|---:|']
       for arm, (runs, mean) in curves.items():
         step = first_crossing(mean, target) if target is not None else None
         reach = '–' if target is None else ('never' if step is None else str(step))
-        lines.append(f'| {labels[arm]} | {sum(bool(r.curve) for r in runs.values())} | {_pct(mean[1][-1])} | {reach} |')
+        lines.append(f'| {labels[arm]} | {sum(bool(r.curve) for r in runs.values())} | {_val_sampler(runs)} | '
+                     f'{_pct(mean[1][-1])} | {reach} |')
       lines += ['', self.link(path, f'convergence {dataset}'), '']
     return lines
 

@@ -168,9 +168,10 @@ def test_convergence_first_crossing(tree):
   expected = STEPS[int(np.argmax(three >= target))]
   assert expected == 300
   lines = section(text, '### Convergence (targets)')
-  assert row(lines, 'three stages')[3] == str(expected)
-  assert row(lines, 'two stages')[3] == 'never'
-  assert row(lines, 'eps only')[3] == str(STEPS[-1])
+  assert row(lines, 'three stages')[4] == str(expected)
+  assert row(lines, 'two stages')[4] == 'never'
+  assert row(lines, 'eps only')[4] == str(STEPS[-1])
+  assert row(lines, 'eps only')[2] == '?'  # these runs recorded no config
   png = os.path.join(os.path.dirname(out), 'results_png', 'convergence_targets_kvasir_seg.png')
   assert os.path.getsize(png) > 1000
   assert '(results_png/convergence_targets_kvasir_seg.png)' in text
@@ -357,3 +358,14 @@ def test_an_arm_trained_as_another_is_marked_and_counts_that_training_in_its_wal
   notes = section(text, '## Shared training notes')
   assert any(line.startswith('[^s1]: kvasir_seg/default') and 'arm `anchored`' in line and '`staged`' in line
              for line in notes)
+
+
+def test_a_curve_names_the_sampler_its_validation_ran_with():
+  def run(record):
+    return report.Run(0, {}, [], [], record, 'kvasir_seg')
+  ddim2 = {'config': {'sampling.sampler': 'ddim', 'sampling.ddim_steps': 2}}
+  staged = {'config': {'sampling.sampler': 'staged', 'sampling.ddim_steps': 100}}
+  shared = {**ddim2, 'trained_as': 'anchored', 'checkpoint_chosen_with': 'staged'}
+  assert report._val_sampler({0: run(ddim2)}) == 'ddim:2'  # pylint: disable=protected-access
+  assert report._val_sampler({0: run(staged), 1: run(shared)}) == 'staged'  # pylint: disable=protected-access
+  assert report._val_sampler({0: run(ddim2), 1: run(shared)}) == 'ddim:2, staged'  # pylint: disable=protected-access
