@@ -75,6 +75,13 @@ def differences(recorded: Mapping[str, object], now: Mapping[str, object], phase
 SAMPLING = 'sampling.'  # how a trained model is sampled; training reads it only for its validation Dice
 
 
+def sampler_label(config: Mapping[str, object]) -> str:
+  """A flat config's sampler as the budget grid writes it: 'staged', 'ddim:2', 'ddpm:10' ('?' if absent)."""
+  sampler = str(config.get('sampling.sampler', '?'))
+  steps = config.get(f'sampling.{sampler}_steps') if sampler != 'staged' else None
+  return sampler if steps is None else f'{sampler}:{steps}'
+
+
 def training_differences(a: Mapping[str, object], b: Mapping[str, object]) -> list[str]:
   """differences(a, b) without the sampling fields: empty when both configs train the same model (the
   validation sampler, which picks the best checkpoint, aside)."""

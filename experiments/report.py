@@ -341,7 +341,7 @@ class Staleness:
     return f' ⚠[^{list(self.notes).index(where) + 1}]'
 
   def _shared_mark(self, where: str, runs: Mapping[int, Run]) -> str:
-    shared = {(r.record['trained_as'], r.record.get('checkpoint_chosen_with', '?')): s for s, r in runs.items()
+    shared = {(r.record['trained_as'], r.record.get('checkpoint_chosen_with', '?')) for r in runs.values()
               if r.record.get('trained_as')}
     if not shared:
       return ''
@@ -354,12 +354,8 @@ class Staleness:
 
 def _val_sampler(runs: Mapping[int, Run]) -> str:
   """The sampler of the validation runs behind a curve (an arm trained as another: that arm's), from run.json."""
-  found = set()
-  for run in runs.values():
-    config = run.record.get('config') or {}
-    sampler = str(config.get('sampling.sampler', '?'))
-    steps = config.get(f'sampling.{sampler}_steps') if sampler != 'staged' else None
-    found.add(run.record.get('checkpoint_chosen_with') or (f'{sampler}:{steps}' if steps is not None else sampler))
+  found = {r.record.get('checkpoint_chosen_with') or config_record.sampler_label(r.record.get('config') or {})
+           for r in runs.values()}
   return ', '.join(sorted(found)) or '?'
 
 
@@ -541,7 +537,7 @@ class Report:
       lines += [f'### {sweep.name} — {ALL_REAL} (stratified by dataset)', '', *CMP_HEADER,
                 *[cmp_row(r, labels) for r in rows], '']
     extras = {'targets': [self.convergence], 'unified': [self.unified]}.get(sweep.name, [])
-    if getattr(sweep, 'budget', False):
+    if sweep.budget:
       extras += [self.budget] + ([self.chosen_budget] if sweep.reference != SEGMENTER else [])
     return lines + [line for extra in extras for line in extra(sweep)]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -82,14 +83,21 @@ def commit() -> tuple[str, bool]:
 
 def _steps(dataset: sweeps.Dataset) -> tuple[int, int]:
   """(phase-0 steps, phase-1 steps) of a dataset's profile."""
-  sys.path.insert(0, REPO)
+  return _profile_steps(dataset, SMOKE)
+
+
+@functools.lru_cache(maxsize=None)
+def _profile_steps(dataset: sweeps.Dataset, smoke: bool) -> tuple[int, int]:
+  """_steps, loaded once per profile (the plan asks for every arm and seed; the page for every run)."""
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('_cfg', os.path.join(REPO, dataset.config))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config('smoke' if SMOKE else dataset.arg)
+  config = module.get_config('smoke' if smoke else dataset.arg)
   steps = {'pretrain': int(config.pretrain.num_steps), 'train': int(config.train.num_steps)}
-  for override in ([] if SMOKE else dataset.overrides):  # a dataset's pinned step counts
+  for override in ([] if smoke else dataset.overrides):  # a dataset's pinned step counts
     for section in steps:
       if override.startswith(f'--config.{section}.num_steps='):
         steps[section] = int(override.split('=', 1)[1])
@@ -139,9 +147,7 @@ def _shared_training(arm_name: str, command: list[str], source_name: str, source
   if diffs:
     raise SharedTrainingError(f'arm {arm_name!r} no longer trains as {source_name!r} ({"; ".join(diffs[:3])}): '
                               f'drop its trains_as in experiments/sweeps.py')
-  sampler = str(theirs.get('sampling.sampler'))
-  steps = theirs.get(f'sampling.{sampler}_steps')
-  return {'checkpoint_chosen_with': f'{sampler}:{steps}' if steps is not None and sampler != 'staged' else sampler}
+  return {'checkpoint_chosen_with': config_record.sampler_label(theirs)}
 
 
 def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: list[str],
@@ -182,18 +188,21 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           if arm is None:  # 'segmenter': phase 0 itself
             continue
           key = f'{ds_name}/{arm_name}/seed{seed}'
-          command, workdir, deps = _arm_command(ds_name, arm_name, seed, root, common)
-          shared = None
-          if arm.trains_as:  # trained once, as the other arm; this one evaluates its checkpoint
-            source_key = f'{ds_name}/{arm.trains_as}/seed{seed}'
-            source_command, source_dir, source_deps = _arm_command(ds_name, arm.trains_as, seed, root, common)
-            shared = {'trained_as': arm.trains_as, **_shared_training(arm_name, command, arm.trains_as,
-                                                                      source_command)}
-            add(Task(source_key, source_command, source_dir, os.path.join(results, source_key), source_deps))
-            command = [c if not c.startswith('--workdir=') else f'--workdir={source_dir}' for c in command]
-            workdir, deps = source_dir, (source_key,)
-          add(Task(key, command, workdir, os.path.join(results, key), deps,
-                   kind='shared_eval' if shared else 'train', shared=shared))
+          if key in tasks:  # planned by an earlier sweep: only this sweep's budget tasks are new
+            command, workdir, shared = tasks[key].command, tasks[key].workdir, tasks[key].shared
+          else:
+            command, workdir, deps = _arm_command(ds_name, arm_name, seed, root, common)
+            shared = None
+            if arm.trains_as:  # trained once, as the other arm; this one evaluates its checkpoint
+              source_key = f'{ds_name}/{arm.trains_as}/seed{seed}'
+              source_command, source_dir, source_deps = _arm_command(ds_name, arm.trains_as, seed, root, common)
+              shared = {'trained_as': arm.trains_as, **_shared_training(arm_name, command, arm.trains_as,
+                                                                        source_command)}
+              add(Task(source_key, source_command, source_dir, os.path.join(results, source_key), source_deps))
+              command = [c if not c.startswith('--workdir=') else f'--workdir={source_dir}' for c in command]
+              workdir, deps = source_dir, (source_key,)
+            add(Task(key, command, workdir, os.path.join(results, key), deps,
+                     kind='shared_eval' if shared else 'train', shared=shared))
           if sweep.budget:
             add(Task(key + '/budget_val', [*command[:2], '--mode=sweep', '--split=val', *command[2:],
                                            f'--sweep={budget_settings}',
