@@ -203,13 +203,12 @@ def band_table(arms: Mapping[str, stats.Arm], phase0: Mapping[str, stats.Arm | N
 
 
 def sweep_pairs(sweep) -> list[tuple[str, str]]:
-  """Every arm against the sweep's reference and against the segmenter."""
+  """Every arm against the sweep's reference, then against its `also_vs` arms, then against the segmenter; each
+  unordered pair once, in the first of these roles."""
   pairs = []
-  for _, arm in sweep.arms:
-    if arm != sweep.reference:
-      pairs.append((arm, sweep.reference))
-    if SEGMENTER not in (arm, sweep.reference):
-      pairs.append((arm, SEGMENTER))
+  for reference in dict.fromkeys((sweep.reference, *sweep.also_vs, SEGMENTER)):
+    pairs += [(arm, reference) for _, arm in sweep.arms
+              if arm != reference and (arm, reference) not in pairs and (reference, arm) not in pairs]
   return pairs
 
 
@@ -494,7 +493,8 @@ class Report:
 
   def finding(self, title: str, sweep, rows: list[dict], labels: Mapping[str, str], not_run=(), reference=None):
     self.findings.append({'title': title, 'claim': CLAIMS.get(sweep.name), 'reference': reference or sweep.reference,
-                          'labels': labels, 'rows': rows, 'not_run': list(not_run)})
+                          'also_vs': () if reference else sweep.also_vs, 'labels': labels, 'rows': rows,
+                          'not_run': list(not_run)})
 
   def png(self, name: str) -> str:
     os.makedirs(self.png_dir, exist_ok=True)
@@ -674,7 +674,7 @@ class Report:
     lines = ['## Plain reading', '']
     for f in self.findings:
       labels, rows, reference, parts = f['labels'], f['rows'], f['reference'], []
-      for target in dict.fromkeys([reference, SEGMENTER]):
+      for target in dict.fromkeys([reference, *f['also_vs'], SEGMENTER]):
         vs = [r for r in rows if r['b'] == target]
         if not vs:
           continue

@@ -106,6 +106,8 @@ class Sweep:
   datasets: tuple[str, ...]
   # Each phase-1 arm also gets the budget grid on the validation split and one test run at its best setting.
   budget: bool = False
+  # Arms every other arm is also compared with (besides the reference and the segmenter).
+  also_vs: tuple[str, ...] = ()
 
 
 _DECIDE = ('synthetic', 'kvasir_seg', 'busi')
@@ -114,7 +116,7 @@ SWEEPS = {
                      '(equal steps, equal NFE)?',
                      (('eps only', 'eps_only'), ('x0 only', 'x0_only'), ('v only', 'v_only'),
                       ('two stages', 'two_stage'), ('three stages (default)', 'default')), 'eps_only', _DECIDE,
-                     budget=True),  # a few-step DDIM favours tables that start with x0: each arm picks its own
+                     budget=True, also_vs=('default',)),  # a few-step DDIM favours tables that start with x0: each arm picks its own
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
                      (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
                       ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE),

@@ -27,6 +27,7 @@ class Sweep:  # stand-in for experiments.sweeps.Sweep
   reference: str
   datasets: tuple[str, ...]
   budget: bool = False
+  also_vs: tuple[str, ...] = ()
 
 
 SWEEPS = {
@@ -313,6 +314,39 @@ def test_a_budget_sweep_compares_its_arms_each_at_its_own_validation_choice(tmp_
   cells = row(lines, 'three stages', 'eps only')
   assert cells[5] == '+5.0' and cells[6] == '[+5.0, +5.0]' and cells[-1] == '**better**', cells
   assert row(lines, 'eps only', 'segmenter')[5] == '+10.0'
+
+
+def test_sweep_pairs_put_each_unordered_pair_in_its_first_role():
+  sweep = Sweep('t', '?', (('eps', 'eps_only'), ('x0', 'x0_only'), ('default', 'default')), 'eps_only', ('d',),
+                also_vs=('default',))
+  assert report.sweep_pairs(sweep) == [('x0_only', 'eps_only'), ('default', 'eps_only'), ('x0_only', 'default'),
+                                       ('eps_only', 'segmenter'), ('x0_only', 'segmenter'),
+                                       ('default', 'segmenter')]
+  assert report.sweep_pairs(dataclasses.replace(sweep, also_vs=())) == [
+      ('x0_only', 'eps_only'), ('default', 'eps_only'), ('eps_only', 'segmenter'), ('x0_only', 'segmenter'),
+      ('default', 'segmenter')]
+
+
+def test_also_vs_compares_every_arm_with_the_default_too(tmp_path):
+  results = str(tmp_path / 'results')
+  for seed in range(2):
+    base = base_dice('kvasir_seg', seed)
+    write_run(results, 'kvasir_seg', 'segmenter', seed, base - 0.1)
+    write_run(results, 'kvasir_seg', 'eps_only', seed, base)
+    write_run(results, 'kvasir_seg', 'x0_only', seed, base + 0.03)
+    write_run(results, 'kvasir_seg', 'default', seed, base + 0.02)
+  sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('x0 only', 'x0_only'),
+                                                    ('three stages', 'default')), 'eps_only', ('kvasir_seg',),
+                             also_vs=('default',))}
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  lines = section(text, '### targets — kvasir_seg')
+  cells = row(lines, 'x0 only', 'three stages')
+  assert cells[5] == '+1.0' and cells[6] == '[+1.0, +1.0]' and cells[-1] == '**better**', cells
+  assert row(lines, 'three stages', 'eps only')[5] == '+2.0'
+  with pytest.raises(AssertionError):
+    row(lines, 'eps only', 'three stages')  # the pair already stands the other way round
+  reading = next(line for line in text.splitlines() if line.startswith('- **targets / kvasir_seg**'))
+  assert 'vs three stages — better: x0 only (+1.0)' in reading, reading
 
 
 def test_attention_runs_of_one_dataset_are_also_drawn_side_by_side(tmp_path):
