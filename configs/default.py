@@ -87,8 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sampling used by validation and evaluation.
   config.sampling = ml_collections.ConfigDict()
-  # 2 DDIM steps (t = 999 in the x0 stage, then t = 499 in the v stage): on validation 1-2 steps beat the staged
-  # 10-NFE sampler in every budget run (docs/RESULTS.md, budget sweep); 1 and 2 tie.
+  # 2 DDIM steps (t = 999 in the x0 stage, then t = 0 in the eps stage, where sqrt(1 - alpha_bar) = 0.01, so the
+  # second step barely moves the first x0 estimate): on validation 1-2 steps beat the staged 10-NFE sampler in
+  # every budget run (docs/RESULTS.md, budget sweep); 1 and 2 tie.
   config.sampling.sampler = 'ddim'  # staged | ddim | ddpm
   config.sampling.ddim_steps = 2
   config.sampling.ddpm_steps = 100  # ddpm: ancestral (eta = 1) steps over an evenly spaced subsequence
