@@ -34,7 +34,8 @@ MARGIN = 1.0  # Dice points: the equivalence margin of 'no difference'
 CLAIMS: dict[str, tuple[str, Callable[[str], bool]]] = {
     'targets': ('staging', lambda arm: 'stage' in arm or arm == 'default'),
     'encoder': ('pre-training', lambda arm: True), 'encoder_plain': ('pre-training (plain method)', lambda arm: True),
-    'unified': ('unification', lambda arm: True)}
+    'unified': ('unification', lambda arm: True),
+    'control': ('the diffusion phase (against a segmenter trained as many steps)', lambda arm: arm == 'default')}
 HYGIENE = (
     'Checkpoints are chosen by validation Dice, the sampler budget on the validation split; the test split is '
     'evaluated once per arm. The unit is the test image, its Dice averaged over seeds. Intervals are 95 % paired '
@@ -299,7 +300,8 @@ class Staleness:
       now = config_record.resolve(command, self.repo)
     except config_record.ConfigError as e:
       return f'its config no longer resolves ({e})'
-    diffs = config_record.differences(record['config'], now, phase0=record['arm'] == SEGMENTER)
+    diffs = config_record.differences(record['config'], now,
+                                      phase0=record['arm'] == SEGMENTER or '--mode=pretrain' in record.get('command', ()))
     return (f'its arm now resolves to another config ({"; ".join(diffs[:3])}{"; …" if len(diffs) > 3 else ""})'
             if diffs else None)
 

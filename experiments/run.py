@@ -188,6 +188,12 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           if arm is None:  # 'segmenter': phase 0 itself
             continue
           key = f'{ds_name}/{arm_name}/seed{seed}'
+          if arm.segmenter_only:  # phase 0 alone, for phase 0's plus phase 1's steps
+            workdir = os.path.join(root, ds_name, arm_name, f'seed{seed}')
+            add(Task(key, [*main_py, '--mode=pretrain', _config_flag(dataset, arm.tokens), f'--workdir={workdir}',
+                           *common, *arm.overrides, f'--config.pretrain.num_steps={sum(_steps(dataset))}'],
+                     workdir, os.path.join(results, key), kind='pretrain'))
+            continue
           if key in tasks:  # planned by an earlier sweep: only this sweep's budget tasks are new
             command, workdir, shared = tasks[key].command, tasks[key].workdir, tasks[key].shared
           else:
@@ -211,7 +217,7 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
     if sweep.budget:
       for (_, arm_name), ds_name, seed in itertools.product(sweep.arms, sweep.datasets, seeds):
         key = f'{ds_name}/{arm_name}/seed{seed}'
-        if key in tasks:  # chosen on the validation runs of every seed this dataset runs
+        if key in tasks and tasks[key].kind != 'pretrain':  # chosen on the validation runs of every seed it runs
           vals = tuple(f'{ds_name}/{arm_name}/seed{s}/budget_val' for s in seeds_of(ds_name))
           add(Task(key + '/budget_test', tasks[key].command, tasks[key].workdir, tasks[key].results, vals,
                    kind='budget_test', shared=tasks[key].shared))

@@ -45,6 +45,9 @@ class Arm:
   # this arm then evaluates that arm's checkpoint with its own sampling. The checkpoint is the one that arm's
   # validation Dice chose, at that arm's sampler; run.json and the page say so.
   trains_as: str | None = None
+  # A phase-0 segmenter alone (`--mode=pretrain`, no phase 1), trained for phase 0's plus phase 1's steps: the
+  # control for "the diffusion model beats its own segmenter" that gives the segmenter the same step budget.
+  segmenter_only: bool = False
 
 
 def _stages(table: str) -> str:
@@ -91,6 +94,8 @@ ARMS = {
     'anchored_x0': Arm(('plain', 'x0_only', 'finetune'), ('--config.pretrain.coarse_logits=True',
                                                             '--config.model.self_condition=True', _X0_ONLY_BCE,
                                                             '--config.loss.aux_weight=1.0')),
+    # control: the segmenter trained as long as phase 0 + phase 1 together (equal gradient steps)
+    'segmenter_long': Arm(shared_phase0=False, segmenter_only=True),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_multiplier=len(UNIFIED_MEMBERS), only_dataset='unified'),
@@ -137,6 +142,10 @@ SWEEPS = {
                       ('unified, equal steps', 'unified_equal_steps'),
                       ('unified, equal total compute', 'unified_equal_compute')), 'default',
                      UNIFIED_MEMBERS + ('unified',)),
+    'control': Sweep('control', 'Is the default\'s gain over its own segmenter more than extra training? (a '
+                     'segmenter trained for phase 0 + phase 1 steps, equal gradient steps)',
+                     (('segmenter, phase 0 + 1 steps', 'segmenter_long'), ('default config', 'default')),
+                     'segmenter_long', _DECIDE),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
                     _DECIDE, budget=True),

@@ -203,6 +203,21 @@ def test_stale_marker_and_header(tree):
   assert '0.1235' in text  # the attention table
 
 
+def test_a_segmenter_only_arm_is_judged_on_the_fields_phase0_reads():
+  from experiments import config_record  # pylint: disable=g-import-not-at-top
+  from experiments import run as run_lib  # pylint: disable=g-import-not-at-top
+  command = run_lib.current_command('synthetic', 'segmenter_long', 0)
+  config = config_record.resolve(command)
+  record = {'dataset': 'synthetic', 'arm': 'segmenter_long', 'seed': 0, 'command': command}
+  stale = report.Staleness()
+  assert stale._config_reason({**record, 'config': config}) is None  # pylint: disable=protected-access
+  # a field only phase 1 reads changed: the control segmenter still stands
+  assert stale._config_reason({**record, 'config': {**config, 'diffusion.stages': 'x0_only'}}) is None  # pylint: disable=protected-access
+  # its own step count changed: it does not
+  why = stale._config_reason({**record, 'config': {**config, 'pretrain.num_steps': 300}})  # pylint: disable=protected-access
+  assert why is not None and 'pretrain.num_steps: 300 -> 1300' in why, why
+
+
 def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
   results = str(tmp_path / 'results')
   for dataset in DATASETS:

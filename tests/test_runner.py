@@ -90,6 +90,31 @@ def test_scratch_on_the_synthetic_set_adds_phase0_steps_to_the_pinned_phase1_ste
   assert command[-1] == '--config.train.num_steps=1300'  # 300 + 1000 (the last flag wins)
 
 
+def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
+  tasks = {t.key: t for t in run_lib.plan(['control'], ['kvasir_seg'], [0], '/r', '/res', [])}
+  long = tasks['kvasir_seg/segmenter_long/seed0']
+  pre, steps = run_lib._steps(sweeps.DATASETS['kvasir_seg'])  # pylint: disable=protected-access
+  assert long.kind == 'pretrain' and long.deps == () and long.workdir == '/r/kvasir_seg/segmenter_long/seed0'
+  assert long.command[2:5] == ['--mode=pretrain', '--config=configs/polyp.py:cpu', f'--workdir={long.workdir}']
+  assert long.command[-1] == f'--config.pretrain.num_steps={pre + steps}' and pre + steps == 3500
+  assert not any(c.startswith('--config.pretrain.checkpoint=') for c in long.command)
+  # the default arm beside it still shares the dataset's phase 0 (and trains as `anchored`)
+  assert set(tasks) == {'kvasir_seg/segmenter_long/seed0', 'kvasir_seg/segmenter/seed0',
+                        'kvasir_seg/anchored/seed0', 'kvasir_seg/default/seed0'}
+  synthetic = run_lib.plan(['control'], ['synthetic'], [0], '/r', '/res', [], arms_filter=('segmenter_long',))
+  assert [t.command[-1] for t in synthetic] == ['--config.pretrain.num_steps=1300']  # 300 + the pinned 1000
+  # run with the fake main.py: collected like a phase 0, under its own arm, with its validation curve
+  make, tmp_path = fake
+  assert run_lib.Runner([t for t in make(['control'], seeds=(0,)) if t.kind == 'pretrain'], 1, None,
+                        'test').run() == 0
+  results = tmp_path / 'results' / 'synthetic'
+  assert sorted(os.listdir(results)) == ['segmenter', 'segmenter_long']
+  record = json.loads((results / 'segmenter_long' / 'seed0' / 'run.json').read_text())
+  assert record['config']['pretrain.num_steps'] == 1300 and '--mode=pretrain' in record['command']
+  assert (results / 'segmenter_long' / 'seed0' / 'curve.csv').read_text() == 'step,val_dice\n10,0.700000\n'
+  assert not (results / 'segmenter_long' / 'seed0' / run_lib.PHASE0_CASES).exists()
+
+
 def test_unified_arms_run_only_on_the_unified_data():
   tasks = run_lib.plan(['unified'], [], [0], '/r', '/res', [])
   keys = {t.key for t in tasks}
