@@ -13,7 +13,7 @@
 set -u
 OUT=${OUT:-/tmp/device_out}; JOBS=${JOBS:-12}; MINUTES=${MINUTES:-7}; GRACE=${GRACE:-4}
 HARD_SECONDS=${HARD_SECONDS:-100000}
-SWEEPS=${SWEEPS:-method,targets,encoder,budget,unified}
+SWEEPS=${SWEEPS:-method,targets,encoder,budget,unified,control}
 SEEDS=${SEEDS:-0,1,2}; SEED_DATASETS=${SEED_DATASETS:-kvasir_seg:2,busi:2,ph2:2,lgg_brain_mri:2,ddti_thyroid_us:2,unified:2}
 PY=${PY:-python3}
 mkdir -p "$OUT"
