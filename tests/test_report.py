@@ -38,6 +38,12 @@ SWEEPS = {
 }
 
 
+def write_offset_runs(results, offsets: dict[str, float], seeds=range(2), dataset='kvasir_seg') -> dict:
+  """One run per arm and seed at base_dice + the arm's offset; {(arm, seed): its directory}."""
+  return {(arm, seed): write_run(results, dataset, arm, seed, base_dice(dataset, seed) + offset)
+          for seed in seeds for arm, offset in offsets.items()}
+
+
 def _head() -> str | None:
   done = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=report.REPO, capture_output=True, text=True)
   return done.stdout.strip() if done.returncode == 0 else None
@@ -344,12 +350,7 @@ def test_sweep_pairs_put_each_unordered_pair_in_its_first_role():
 
 def test_also_vs_compares_every_arm_with_the_default_too(tmp_path):
   results = str(tmp_path / 'results')
-  for seed in range(2):
-    base = base_dice('kvasir_seg', seed)
-    write_run(results, 'kvasir_seg', 'segmenter', seed, base - 0.1)
-    write_run(results, 'kvasir_seg', 'eps_only', seed, base)
-    write_run(results, 'kvasir_seg', 'x0_only', seed, base + 0.03)
-    write_run(results, 'kvasir_seg', 'default', seed, base + 0.02)
+  write_offset_runs(results, {'segmenter': -0.1, 'eps_only': 0.0, 'x0_only': 0.03, 'default': 0.02})
   sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('x0 only', 'x0_only'),
                                                     ('three stages', 'default')), 'eps_only', ('kvasir_seg',),
                              also_vs=('default',))}
@@ -381,12 +382,9 @@ def test_attention_runs_of_one_dataset_are_also_drawn_side_by_side(tmp_path):
 
 def test_an_arm_trained_as_another_is_marked_and_counts_that_training_in_its_wall_time(tmp_path):
   results = str(tmp_path / 'results')
+  written = write_offset_runs(results, {'segmenter': -0.1, 'anchored': 0.0, 'default': 0.01})
   for seed in range(2):
-    base = base_dice('kvasir_seg', seed)
-    write_run(results, 'kvasir_seg', 'segmenter', seed, base - 0.1)
-    write_run(results, 'kvasir_seg', 'anchored', seed, base)
-    directory = write_run(results, 'kvasir_seg', 'default', seed, base + 0.01)
-    path = os.path.join(directory, 'run.json')
+    path = os.path.join(written['default', seed], 'run.json')
     with open(path) as f:
       record = json.load(f)
     record.update(trained_as='anchored', checkpoint_chosen_with='staged', training_wall_seconds=540.0,
