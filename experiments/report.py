@@ -554,8 +554,10 @@ class Report:
       target = curves[sweep.reference][1][1][-1] if sweep.reference in curves else None
       path = self.png(f'convergence_{sweep.name}_{dataset}.png')
       plot_curves(path, f'{dataset}: validation Dice', {labels[a]: c for a, c in curves.items()}, target)
+      reference = labels.get(sweep.reference, sweep.reference)
       lines += [f'**{dataset}** — first step at which the seed-mean validation Dice reaches the final validation '
-                f'Dice of {labels.get(sweep.reference, sweep.reference)} ({_pct(target)} %)', '',
+                f'Dice of {reference} ' + (f'({_pct(target)} %)' if target is not None else '(no curve of it yet)'),
+                '',
                 '| arm | seeds with a curve | validated with | final val Dice % | first step reaching it |',
                 '|---|---:|---|---:|---:|']
       for arm, (runs, mean) in curves.items():

@@ -351,6 +351,10 @@ def test_sweep_pairs_put_each_unordered_pair_in_its_first_role():
 def test_also_vs_compares_every_arm_with_the_default_too(tmp_path):
   results = str(tmp_path / 'results')
   write_offset_runs(results, {'segmenter': -0.1, 'eps_only': 0.0, 'x0_only': 0.03, 'default': 0.02})
+  for seed in range(2):  # validation curves for two of the three arms
+    for arm in ('x0_only', 'default'):
+      with open(os.path.join(results, 'kvasir_seg', arm, f'seed{seed}', 'curve.csv'), 'w') as f:
+        f.write('step,val_dice\n' + ''.join(f'{s},{v:.6f}\n' for s, v in zip(STEPS, three_curve(seed))))
   sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('x0 only', 'x0_only'),
                                                     ('three stages', 'default')), 'eps_only', ('kvasir_seg',),
                              also_vs=('default',))}
@@ -363,6 +367,10 @@ def test_also_vs_compares_every_arm_with_the_default_too(tmp_path):
     row(lines, 'eps only', 'three stages')  # the pair already stands the other way round
   reading = next(line for line in text.splitlines() if line.startswith('- **targets / kvasir_seg**'))
   assert 'vs three stages — better: x0 only (+1.0)' in reading, reading
+  # convergence: the reference (eps only) left no curve, so there is no target to reach
+  lines = section(text, '### Convergence (targets)')
+  assert lines[2].endswith('final validation Dice of eps only (no curve of it yet)'), lines[2]
+  assert row(lines, 'x0 only')[-1] == '–'
 
 
 def test_attention_runs_of_one_dataset_are_also_drawn_side_by_side(tmp_path):
