@@ -121,7 +121,8 @@ SWEEPS = {
                      '(equal steps, equal NFE)?',
                      (('eps only', 'eps_only'), ('x0 only', 'x0_only'), ('v only', 'v_only'),
                       ('two stages', 'two_stage'), ('three stages (default)', 'default')), 'eps_only', _DECIDE,
-                     budget=True, also_vs=('default',)),  # a few-step DDIM favours tables that start with x0: each arm picks its own
+                     # a few-step DDIM favours tables that start with x0: each arm picks its own budget
+                     budget=True, also_vs=('default',)),
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
                      (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
                       ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE),
