@@ -165,6 +165,10 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
   def add(task: Task):
     tasks.setdefault(task.key, task)
 
+  def add_pretrain(key: str, dataset: sweeps.Dataset, workdir: str, common: list[str], tokens=(), more=()):
+    add(Task(key, [*main_py, '--mode=pretrain', _config_flag(dataset, tokens), f'--workdir={workdir}', *common,
+                   *more], workdir, os.path.join(results, key), kind='pretrain'))
+
   for name in sweep_names:
     sweep = sweeps.SWEEPS[name]
     for _, arm_name in sweep.arms:
@@ -183,16 +187,13 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           if arm is not None and (ds_name != arm.only_dataset if arm.only_dataset else ds_name == 'unified'):
             continue  # unified arms run on the unified data only, the others never on it
           if arm is None or arm.shared_phase0:
-            add(Task(phase0_key, [*main_py, '--mode=pretrain', _config_flag(dataset), f'--workdir={phase0_dir}',
-                                  *common], phase0_dir, os.path.join(results, phase0_key), kind='pretrain'))
+            add_pretrain(phase0_key, dataset, phase0_dir, common)
           if arm is None:  # 'segmenter': phase 0 itself
             continue
           key = f'{ds_name}/{arm_name}/seed{seed}'
           if arm.segmenter_only:  # phase 0 alone, for phase 0's plus phase 1's steps
-            workdir = os.path.join(root, ds_name, arm_name, f'seed{seed}')
-            add(Task(key, [*main_py, '--mode=pretrain', _config_flag(dataset, arm.tokens), f'--workdir={workdir}',
-                           *common, *arm.overrides, f'--config.pretrain.num_steps={sum(_steps(dataset))}'],
-                     workdir, os.path.join(results, key), kind='pretrain'))
+            add_pretrain(key, dataset, os.path.join(root, ds_name, arm_name, f'seed{seed}'), common, arm.tokens,
+                         (*arm.overrides, f'--config.pretrain.num_steps={sum(_steps(dataset))}'))
             continue
           if key in tasks:  # planned by an earlier sweep: only this sweep's budget tasks are new
             command, workdir, shared = tasks[key].command, tasks[key].workdir, tasks[key].shared
