@@ -60,20 +60,25 @@ _BCE_X0 = _stages('500:1000 x0 loss=bce_dice steps=1; 200:500 v steps=4; 0:200 e
 _X0_ONLY_BCE = _stages('0:1000 x0 loss=bce_dice steps=10')
 _ANCHOR = ('--config.pretrain.coarse_logits=True', '--config.model.self_condition=True', _BCE_X0,
            '--config.loss.aux_weight=1.0')
+_DDIM2 = '--config.sampling.ddim_steps=2'  # with the default's sampler (ddim)
 _PLAIN = ('plain', 'three_stage')  # the method before the anchored default (configs/default.py)
 
 
 ARMS = {
-    # the configuration's own defaults, whatever they are at the commit that runs them (since 2026-11-27 the
-    # anchored method sampled with 2 DDIM steps; a run records its resolved config, so the page sees a change).
-    # Its training is the `anchored` arm's (they differ only in the sampler), so it is trained once; if the
-    # default's training changes, the runner stops with the fields that differ and this link must go.
-    'default': Arm(trains_as='anchored'),
-    # targets, inside the default method (equal steps; evaluated at the default budget, equal NFE)
-    'eps_only': Arm(overrides=(_stages('0:1000 eps steps=10'),)),
-    'x0_only': Arm(overrides=(_X0_ONLY_BCE,), trains_as='anchored_x0'),  # the same model, sampled as the default
-    'v_only': Arm(overrides=(_stages('0:1000 v steps=10'),)),
-    'two_stage': Arm(overrides=(_stages('500:1000 x0 loss=bce_dice steps=1; 0:500 eps steps=9'),)),
+    # the configuration's own defaults, whatever they are at the commit that runs them (since the second change
+    # of 2026-11-27 the anchored method with the x0-only table, sampled with 1 DDIM step; a run records its
+    # resolved config, so the page sees a change). Its training is the `anchored_x0` arm's (they differ only in
+    # the sampler), so it is trained once; if the default's training changes, the runner stops with the fields
+    # that differ and this link must go.
+    'default': Arm(trains_as='anchored_x0'),
+    # targets, inside the default method (equal steps; evaluated at the 2 DDIM steps (2 NFE) that the default
+    # used when these arms were designed, and each at its own validation-chosen budget)
+    'eps_only': Arm(overrides=(_stages('0:1000 eps steps=10'), _DDIM2)),
+    'x0_only': Arm(overrides=(_X0_ONLY_BCE, _DDIM2), trains_as='anchored_x0'),  # the default's model at 2 steps
+    'v_only': Arm(overrides=(_stages('0:1000 v steps=10'), _DDIM2)),
+    'two_stage': Arm(overrides=(_stages('500:1000 x0 loss=bce_dice steps=1; 0:500 eps steps=9'), _DDIM2)),
+    # the default earlier on 2026-11-27: the anchored method with the three-stage table, 2 DDIM steps
+    'three_stage_anchored': Arm(overrides=(_BCE_X0, _DDIM2), trains_as='anchored'),
     # the plain method's targets and encoder arms (equal steps, equal NFE: 10 per image, staged sampler)
     'three_stage': Arm(_PLAIN),
     'scratch': Arm(_PLAIN + ('scratch',), shared_phase0=False),
@@ -119,10 +124,11 @@ _DECIDE = ('synthetic', 'kvasir_seg', 'busi')
 SWEEPS = {
     'targets': Sweep('targets', 'Inside the default method, does the staged target table beat a single target '
                      '(equal steps, equal NFE)?',
-                     (('eps only', 'eps_only'), ('x0 only', 'x0_only'), ('v only', 'v_only'),
-                      ('two stages', 'two_stage'), ('three stages (default)', 'default')), 'eps_only', _DECIDE,
+                     (('eps only', 'eps_only'), ('x0 only, 2 steps', 'x0_only'), ('v only', 'v_only'),
+                      ('two stages', 'two_stage'), ('three stages (earlier default)', 'three_stage_anchored'),
+                      ('x0 only, 1 step (default)', 'default')), 'eps_only', _DECIDE,
                      # a few-step DDIM favours tables that start with x0: each arm picks its own budget
-                     budget=True, also_vs=('default',)),
+                     budget=True, also_vs=('default', 'three_stage_anchored')),
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
                      (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
                       ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE),
@@ -134,7 +140,9 @@ SWEEPS = {
                      ('+ coarse logits', 'coarse'), ('+ self-conditioning', 'selfcond'),
                      ('+ recycling', 'recycling'), ('+ BCE-Dice x0 loss', 'bce_x0'),
                      ('+ mask scale 0.3', 'mask_scale_0.3'), ('anchored (all, fine-tuned), staged', 'anchored'),
-                     ('anchored, x0 only, staged', 'anchored_x0'), ('default config', 'default')),
+                     ('anchored, x0 only, staged', 'anchored_x0'),
+                     ('anchored, three stages, 2 steps (earlier default)', 'three_stage_anchored'),
+                     ('default config', 'default')),
                     'segmenter', _DECIDE),
     # The per-dataset model is the default configuration: the `default` arm, which the other sweeps also run;
     # the plain method's per-dataset runs (the default before 2026-11-27) stay beside it.
@@ -145,10 +153,13 @@ SWEEPS = {
                      UNIFIED_MEMBERS + ('unified',)),
     'control': Sweep('control', 'Is the default\'s gain over its own segmenter more than extra training? (a '
                      'segmenter trained for phase 0 + phase 1 steps, equal gradient steps)',
-                     (('segmenter, phase 0 + 1 steps', 'segmenter_long'), ('default config', 'default')),
+                     (('segmenter, phase 0 + 1 steps', 'segmenter_long'),
+                      ('three stages (earlier default)', 'three_stage_anchored'),
+                      ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default')),
                      'segmenter_long', _DECIDE),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
-                    (('default config', 'default'), ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
+                    (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),
+                     ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
                     _DECIDE, budget=True),
 }
 

@@ -30,6 +30,7 @@ def setup(smoke_config):
   config.model.encoder.widths = (8, 16)
   config.model.denoiser.channel_mult = (1, 2)
   config.model.denoiser.attention_levels = (1,)
+  config.diffusion.stages = 'three_stage'  # a staged table: its boundaries are drawn (the default is x0 only)
   process = train.validate_config(config)
   model, _, _ = phases.diffusion_parts(config, process)
   shapes = jax.eval_shape(lambda: train_state.init_params(model, config, jax.random.PRNGKey(0)))

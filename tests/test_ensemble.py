@@ -275,7 +275,7 @@ def test_settings_from_config_reads_new_fields_with_defaults():
   config = synthetic.get_config('smoke')
   settings = ensemble.settings_from_config(config)
   assert (settings.sampler, settings.ensemble_size, settings.fusion) == ('ddim', 1, 'mean')  # the default
-  assert settings.num_steps == 2 and settings.label == 'ddim:2'
+  assert settings.num_steps == 1 and settings.label == 'ddim:1'
   staged = ensemble.settings_from_config(config, sampler='staged')
   assert staged.num_steps is None and staged.label == 'staged'
   ddpm = ensemble.settings_from_config(config, sampler='ddpm', ensemble_size=3, fusion='staple')

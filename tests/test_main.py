@@ -37,7 +37,7 @@ def test_train_writes_the_summary_contract(smoke_run):
   for block in (entry, summary['mean']):
     assert 0.0 <= block['dice'] <= 1.0 and 0.0 <= block['iou'] <= block['dice'] + 1e-9
     assert block['hd95'] >= 0.0
-  assert summary['nfe_per_image'] == 2 and summary['checkpoint_step'] in (10, 20)  # the default: 2 DDIM steps
+  assert summary['nfe_per_image'] == 1 and summary['checkpoint_step'] in (10, 20)  # the default: 1 DDIM step
   assert summary['seconds_per_image'] > 0
   with open(os.path.join(workdir, 'eval', 'test', 'per_case.csv')) as f:
     rows = list(csv.DictReader(f))

@@ -98,9 +98,10 @@ def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
   assert long.command[2:5] == ['--mode=pretrain', '--config=configs/polyp.py:cpu', f'--workdir={long.workdir}']
   assert long.command[-1] == f'--config.pretrain.num_steps={pre + steps}' and pre + steps == 3500
   assert not any(c.startswith('--config.pretrain.checkpoint=') for c in long.command)
-  # the default arm beside it still shares the dataset's phase 0 (and trains as `anchored`)
+  # the diffusion arms beside it still share the dataset's phase 0 (and train as `anchored_x0` / `anchored`)
   assert set(tasks) == {'kvasir_seg/segmenter_long/seed0', 'kvasir_seg/segmenter/seed0',
-                        'kvasir_seg/anchored/seed0', 'kvasir_seg/default/seed0'}
+                        'kvasir_seg/anchored_x0/seed0', 'kvasir_seg/default/seed0',
+                        'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0'}
   synthetic = run_lib.plan(['control'], ['synthetic'], [0], '/r', '/res', [], arms_filter=('segmenter_long',))
   assert [t.command[-1] for t in synthetic] == ['--config.pretrain.num_steps=1300']  # 300 + the pinned 1000
   # run with the fake main.py: collected like a phase 0, under its own arm, with its validation curve
@@ -131,10 +132,10 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   open(os.path.join(interrupted.workdir, 'fail_once'), 'w').close()
   assert run_lib.Runner(tasks, 2, None, 'test').run() == 1  # one run stopped without results
   results = tmp_path / 'results' / 'synthetic'
-  # the default and x0-only arms train as `anchored` and `anchored_x0` (same configs but the sampler): those runs
-  # are collected too
-  assert sorted(os.listdir(results)) == ['anchored', 'anchored_x0', 'default', 'eps_only', 'segmenter', 'two_stage',
-                                         'x0_only']
+  # the default, x0-only and three-stage arms train as `anchored_x0` / `anchored` (same configs but the sampler):
+  # those runs are collected too
+  assert sorted(os.listdir(results)) == ['anchored', 'anchored_x0', 'default', 'eps_only', 'segmenter',
+                                         'three_stage_anchored', 'two_stage', 'x0_only']
   record = json.loads((results / 'eps_only' / 'seed0' / 'run.json').read_text())
   assert record['commit'] == 'abc123' and record['seed'] == 0 and record['hardware'] == 'test'
   # the config its command resolved to: the arm's stage table on the synthetic profile, this seed
@@ -148,10 +149,10 @@ def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   assert not (results / 'segmenter' / 'seed0' / run_lib.PHASE0_CASES).exists()
   first = len(_calls(tmp_path))
   modes = [c.split()[0] for c in _calls(tmp_path)]
-  # phase 0, five trainings (v_only interrupted; two as other arms), the two shared arms' own test evaluations
+  # phase 0, five trainings (v_only interrupted; two as other arms), the three shared arms' own test evaluations
   assert modes.count('pretrain') == 1 and modes.count('train') == 5
   # the targets sweep gives each finished arm its validation budget grid and one test at its choice
-  assert modes.count('sweep') == 4 and modes.count('eval') == 4 + 2
+  assert modes.count('sweep') == 5 and modes.count('eval') == 5 + 3
   # Rerun: finished runs are skipped, the interrupted one runs again and finishes, then gets its budget.
   assert run_lib.Runner(make(['targets'], seeds=(0,)), 2, None, 'test').run() == 0
   assert [c.split()[0] for c in _calls(tmp_path)[first:]] == ['train', 'sweep', 'eval']
@@ -236,22 +237,22 @@ def test_a_runner_error_fails_the_task_instead_of_hanging_the_sweep(fake):
 def test_an_arm_that_trains_as_another_evaluates_its_checkpoint_with_its_own_sampler(tmp_path):
   tasks = {t.key: t for t in run_lib.plan(['budget'], ['synthetic'], [0], str(tmp_path / 'runs'),
                                           str(tmp_path / 'results'), [], arms_filter=('default',))}
-  default, anchored = tasks['synthetic/default/seed0'], tasks['synthetic/anchored/seed0']  # planned for it
+  default, anchored = tasks['synthetic/default/seed0'], tasks['synthetic/anchored_x0/seed0']  # planned for it
   assert default.kind == 'shared_eval' and anchored.kind == 'train' and default.deps == (anchored.key,)
   assert default.workdir == anchored.workdir and f'--workdir={anchored.workdir}' in default.command
-  assert default.shared == {'trained_as': 'anchored', 'checkpoint_chosen_with': 'staged'}
+  assert default.shared == {'trained_as': 'anchored_x0', 'checkpoint_chosen_with': 'staged'}
   assert default.results.endswith('synthetic/default/seed0')
   # what the default arm resolves to differs from anchored in the sampler only
   diffs = config_record.differences(config_record.resolve(default.command[2:]),
                                     config_record.resolve(anchored.command[2:]))
-  assert diffs == ["sampling.ddim_steps: 2 -> 100", "sampling.sampler: 'ddim' -> 'staged'"]
+  assert diffs == ["sampling.ddim_steps: 1 -> 100", "sampling.sampler: 'ddim' -> 'staged'"]
   assert run_lib.eval_dir(default) == os.path.join(anchored.workdir, 'eval', 'arm_default', 'test')
   test = tasks['synthetic/default/seed0/budget_test']
   command, label, out = run_lib.budget_test_command(test, {'sampler': 'ddim:2', 'ensemble_size': 1, 'fusion': 'mean'})
   assert out == os.path.join(anchored.workdir, 'eval', 'arm_default', 'budget_test', 'ddim2_x1') and label == 'ddim2_x1'
-  # both arms' validation sweeps write into the one workdir: they run one after the other
+  # two arms' validation sweeps that write into one workdir run one after the other
   both = {t.key: t for t in run_lib.plan(['budget'], ['synthetic'], [0], '/r', '/res', [])}
-  assert 'synthetic/anchored/seed0/budget_val' in both['synthetic/default/seed0/budget_val'].deps
+  assert 'synthetic/anchored/seed0/budget_val' in both['synthetic/three_stage_anchored/seed0/budget_val'].deps
 
 
 def test_trains_as_is_refused_once_the_two_arms_train_differently(monkeypatch):
@@ -263,7 +264,7 @@ def test_trains_as_is_refused_once_the_two_arms_train_differently(monkeypatch):
   own, _, _ = run_lib._arm_command('kvasir_seg', 'sampled_otherwise', 0, '/r', common)  # pylint: disable=protected-access
   source, _, _ = run_lib._arm_command('kvasir_seg', 'default_frozen', 0, '/r', common)  # pylint: disable=protected-access
   assert run_lib._shared_training('sampled_otherwise', own, 'default_frozen', source) == {  # pylint: disable=protected-access
-      'checkpoint_chosen_with': 'ddim:2'}
+      'checkpoint_chosen_with': 'ddim:1'}
   own, _, _ = run_lib._arm_command('kvasir_seg', 'trained_otherwise', 0, '/r', common)  # pylint: disable=protected-access
   with pytest.raises(run_lib.SharedTrainingError, match=r"no longer trains as 'default_frozen' \(loss.aux_weight: 0.25 -> 1.0\)"):
     run_lib._shared_training('trained_otherwise', own, 'default_frozen', source)  # pylint: disable=protected-access
@@ -273,21 +274,21 @@ def test_trains_as_is_refused_once_the_two_arms_train_differently(monkeypatch):
 
 def test_a_shared_arm_trains_once_and_records_what_it_evaluated(fake):
   make, tmp_path = fake
-  tasks = [t for t in make(['budget'], seeds=(0,)) if t.key.split('/')[1] in ('default', 'anchored', 'segmenter')]
+  tasks = [t for t in make(['budget'], seeds=(0,)) if t.key.split('/')[1] in ('default', 'anchored_x0', 'segmenter')]
   assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
   calls = _calls(tmp_path)
-  anchored_dir = next(t.workdir for t in tasks if t.key == 'synthetic/anchored/seed0')
+  anchored_dir = next(t.workdir for t in tasks if t.key == 'synthetic/anchored_x0/seed0')
   assert [c for c in calls if c.startswith('train ')] == [f'train {anchored_dir}']  # one training, none for default
   results = tmp_path / 'results' / 'synthetic'
   record = json.loads((results / 'default' / 'seed0' / 'run.json').read_text())
-  source = json.loads((results / 'anchored' / 'seed0' / 'run.json').read_text())
-  assert record['trained_as'] == 'anchored' and record['checkpoint_chosen_with'] == 'staged'
+  source = json.loads((results / 'anchored_x0' / 'seed0' / 'run.json').read_text())
+  assert record['trained_as'] == 'anchored_x0' and record['checkpoint_chosen_with'] == 'staged'
   assert record['training_wall_seconds'] == source['wall_seconds']
   assert record['training_run'] == {k: source[k] for k in ('arm', 'dataset', 'seed', 'commit', 'dirty', 'config')}
   assert record['config']['sampling.sampler'] == 'ddim' and source['config']['sampling.sampler'] == 'staged'
   # its own test evaluation (the fake's eval Dice), the source's training curve, the shared phase 0
   assert json.loads((results / 'default' / 'seed0' / 'summary.json').read_text())['mean']['dice'] == 0.0
-  assert (results / 'default' / 'seed0' / 'curve.csv').read_text() == (results / 'anchored' / 'seed0' / 'curve.csv').read_text()
+  assert (results / 'default' / 'seed0' / 'curve.csv').read_text() == (results / 'anchored_x0' / 'seed0' / 'curve.csv').read_text()
   assert (results / 'default' / 'seed0' / run_lib.PHASE0_CASES).exists()
   assert os.listdir(results / 'default' / 'seed0' / 'budget_test') == ['ddim5_x3']
   assert os.path.isdir(os.path.join(anchored_dir, 'eval', 'arm_default', 'budget_test', 'ddim5_x3'))
@@ -297,15 +298,15 @@ def test_a_shared_arm_cites_the_training_it_evaluated_even_when_that_run_was_ret
   """The source arm's results came from another machine (no checkpoint here): it retrains for the shared arm,
   keeps its results, and the shared arm's record names the retrained run, not the one in the results."""
   make, tmp_path = fake
-  kept = tmp_path / 'results' / 'synthetic' / 'anchored' / 'seed0'
+  kept = tmp_path / 'results' / 'synthetic' / 'anchored_x0' / 'seed0'
   os.makedirs(kept)
   (kept / 'summary.json').write_text('{"from": "elsewhere"}')
-  (kept / 'run.json').write_text(json.dumps({'arm': 'anchored', 'commit': 'elsewhere', 'wall_seconds': 12345.0}))
-  tasks = [t for t in make(['method'], seeds=(0,)) if t.key.split('/')[1] in ('default', 'anchored', 'segmenter')]
+  (kept / 'run.json').write_text(json.dumps({'arm': 'anchored_x0', 'commit': 'elsewhere', 'wall_seconds': 12345.0}))
+  tasks = [t for t in make(['method'], seeds=(0,)) if t.key.split('/')[1] in ('default', 'anchored_x0', 'segmenter')]
   assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
   assert [c.split()[0] for c in _calls(tmp_path)] == ['pretrain', 'train', 'eval']
   assert json.loads((kept / 'summary.json').read_text()) == {'from': 'elsewhere'}
   assert json.loads((kept / 'run.json').read_text())['commit'] == 'elsewhere'
   record = json.loads((tmp_path / 'results' / 'synthetic' / 'default' / 'seed0' / 'run.json').read_text())
-  assert record['training_run']['commit'] == 'abc123' and record['training_run']['arm'] == 'anchored'
+  assert record['training_run']['commit'] == 'abc123' and record['training_run']['arm'] == 'anchored_x0'
   assert record['training_wall_seconds'] != 12345.0
