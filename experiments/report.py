@@ -745,6 +745,19 @@ def build(results: str, out: str, sweeps: Mapping, *, n_resamples: int = 10_000,
   return '\n'.join(head + report.plain_reading() + body + notes + shared)
 
 
+def prune_images(out: str, text: str) -> list[str]:
+  """Deletes the PNGs in results_png/ next to `out` that the page `text` no longer shows (an arm renamed or a
+  run replaced leaves its old plot behind otherwise); returns their paths."""
+  png_dir = os.path.join(os.path.dirname(os.path.abspath(out)), 'results_png')
+  if not os.path.isdir(png_dir):
+    return []
+  stale = sorted(os.path.join(png_dir, name) for name in os.listdir(png_dir)
+                 if name.endswith('.png') and f'results_png/{name}' not in text)
+  for path in stale:
+    os.remove(path)
+  return stale
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -759,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     f.write(text)
+  for path in prune_images(args.out, text):
+    print(f'removed {path} (no longer on the page)')
   print(f'wrote {args.out}')
   return 0
 

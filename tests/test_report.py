@@ -247,9 +247,13 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
                              'default', DATASETS + ('unified',))}
   monkeypatch.setitem(sys.modules, 'experiments.sweeps', types.SimpleNamespace(SWEEPS=sweeps))
   out = str(tmp_path / 'docs' / 'RESULTS.md')
+  old_plot = tmp_path / 'docs' / 'results_png' / 'budget_kvasir_seg_renamed_arm.png'  # from an earlier page
+  os.makedirs(old_plot.parent)
+  old_plot.write_bytes(b'png')
   assert report.main([f'--results={results}', f'--out={out}', '--n_resamples=200', '--seeds=2']) == 0
   with open(out) as f:
     text = f.read()
+  assert not old_plot.exists()  # a plot the page no longer shows is removed with the regeneration
   lines = section(text, '### Unified vs per-dataset models (paired by dataset and case)')
   assert row(lines, 'kvasir_seg', 'unified, equal steps')[4:] == ['-2.0', '[-2.0, -2.0]', '**worse**']
   assert row(lines, 'busi', 'unified, equal steps')[4:] == ['+1.0', '[+1.0, +1.0]', '**better**']
@@ -424,3 +428,14 @@ def test_a_curve_names_the_sampler_its_validation_ran_with():
   assert report._val_sampler({0: run(ddim2)}) == 'ddim:2'  # pylint: disable=protected-access
   assert report._val_sampler({0: run(staged), 1: run(shared)}) == 'staged'  # pylint: disable=protected-access
   assert report._val_sampler({0: run(ddim2), 1: run(shared)}) == 'ddim:2, staged'  # pylint: disable=protected-access
+
+
+def test_prune_images_keeps_exactly_the_plots_the_page_shows(tmp_path):
+  png_dir = tmp_path / 'results_png'
+  os.makedirs(png_dir)
+  for name in ('budget_a.png', 'budget_a_old.png', 'notes.txt'):
+    (png_dir / name).write_bytes(b'x')
+  text = '![budget a](results_png/budget_a.png)'
+  assert report.prune_images(str(tmp_path / 'RESULTS.md'), text) == [str(png_dir / 'budget_a_old.png')]
+  assert sorted(os.listdir(png_dir)) == ['budget_a.png', 'notes.txt']
+  assert report.prune_images(str(tmp_path / 'elsewhere' / 'RESULTS.md'), text) == []  # no plot folder there
