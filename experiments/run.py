@@ -120,16 +120,33 @@ def _arm_command(ds_name: str, arm_name: str, seed: int, root: str, common: list
   command = [sys.executable, os.path.join(REPO, 'main.py'), _config_flag(dataset, arm.tokens),
              f'--workdir={workdir}', *common, *arm.overrides]
   deps = ()
+  pre_steps, steps = _steps(dataset)
   if arm.shared_phase0:
     command.append(f"--config.pretrain.checkpoint={os.path.join(root, ds_name, 'phase0', f'seed{seed}')}")
     deps = (f'{ds_name}/segmenter/seed{seed}',)
-  pre_steps, steps = _steps(dataset)
-  if 'scratch' in arm.tokens:  # equal gradient steps: phase 0's are added to phase 1
+  if arm.phase0_share_of_phase1:  # its own, longer phase 0 (equal total steps)
+    key, phase0_dir, _ = own_phase0(ds_name, arm_name, seed, root)
+    command += [f'--config.pretrain.checkpoint={phase0_dir}',
+                f'--config.train.num_steps={steps - _moved_steps(arm, steps)}']
+    deps = (key,)
+  elif 'scratch' in arm.tokens:  # equal gradient steps: phase 0's are added to phase 1
     command.append(f'--config.train.num_steps={steps + pre_steps}')
   elif arm.steps_multiplier > 1:
     command += [f'--config.train.num_steps={steps * arm.steps_multiplier}',
                 f'--config.pretrain.num_steps={pre_steps * arm.steps_multiplier}']
   return command, workdir, deps
+
+
+def _moved_steps(arm: sweeps.Arm, steps: int) -> int:
+  return int(round(steps * arm.phase0_share_of_phase1))
+
+
+def own_phase0(ds_name: str, arm_name: str, seed: int, root: str) -> tuple[str, str, int]:
+  """(task key, workdir, phase-0 steps) of the longer phase 0 of an arm with `phase0_share_of_phase1`."""
+  dataset, arm = sweeps.DATASETS[ds_name], sweeps.ARMS[arm_name]
+  pre_steps, steps = _steps(dataset)
+  return (f'{ds_name}/{arm_name}_phase0/seed{seed}', os.path.join(root, ds_name, f'{arm_name}_phase0', f'seed{seed}'),
+          pre_steps + _moved_steps(arm, steps))
 
 
 class SharedTrainingError(ValueError):
@@ -140,7 +157,8 @@ def _shared_training(arm_name: str, command: list[str], source_name: str, source
   """{'checkpoint_chosen_with': the source's sampler} once checked that the two commands train the same
   model (same config but for sampling.*, same phase-0 sharing and step multiplier)."""
   arm, source = sweeps.ARMS[arm_name], sweeps.ARMS[source_name]
-  if source.trains_as or (arm.shared_phase0, arm.steps_multiplier) != (source.shared_phase0, source.steps_multiplier):
+  setup = lambda a: (a.shared_phase0, a.steps_multiplier, a.phase0_share_of_phase1)
+  if source.trains_as or setup(arm) != setup(source):
     raise SharedTrainingError(f'arm {arm_name!r} cannot train as {source_name!r}: their runs are set up differently')
   own, theirs = config_record.resolve(command[2:]), config_record.resolve(source_command[2:])
   diffs = config_record.training_differences(own, theirs)
@@ -191,6 +209,10 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           if arm is None:  # 'segmenter': phase 0 itself
             continue
           key = f'{ds_name}/{arm_name}/seed{seed}'
+          if arm.phase0_share_of_phase1:
+            own_key, own_dir, own_steps = own_phase0(ds_name, arm_name, seed, root)
+            add_pretrain(own_key, dataset, own_dir, common, arm.tokens,
+                         (*arm.overrides, f'--config.pretrain.num_steps={own_steps}'))
           if arm.segmenter_only:  # phase 0 alone, for phase 0's plus phase 1's steps
             add_pretrain(key, dataset, os.path.join(root, ds_name, arm_name, f'seed{seed}'), common, arm.tokens,
                          (*arm.overrides, f'--config.pretrain.num_steps={sum(_steps(dataset))}'))

@@ -48,6 +48,9 @@ class Arm:
   # A phase-0 segmenter alone (`--mode=pretrain`, no phase 1), trained for phase 0's plus phase 1's steps: the
   # control for "the diffusion model beats its own segmenter" that gives the segmenter the same step budget.
   segmenter_only: bool = False
+  # This fraction of phase 1's steps is spent on a longer phase 0 of the arm's own instead (equal total gradient
+  # steps): does the diffusion phase add anything on top of a well-trained segmenter?
+  phase0_share_of_phase1: float = 0.0
 
 
 def _stages(table: str) -> str:
@@ -101,6 +104,9 @@ ARMS = {
                                                             '--config.loss.aux_weight=1.0')),
     # control: the segmenter trained as long as phase 0 + phase 1 together (equal gradient steps)
     'segmenter_long': Arm(shared_phase0=False, segmenter_only=True),
+    # the default on top of a longer phase 0: 70 % of phase 1's steps moved to phase 0 (synthetic: 1 000 + 300,
+    # Kvasir-SEG and BUSI: 2 750 + 750), the same total steps as segmenter_long
+    'default_long_phase0': Arm(shared_phase0=False, phase0_share_of_phase1=0.7),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_multiplier=len(UNIFIED_MEMBERS), only_dataset='unified'),
@@ -155,7 +161,8 @@ SWEEPS = {
                      'segmenter trained for phase 0 + phase 1 steps, equal gradient steps)',
                      (('segmenter, phase 0 + 1 steps', 'segmenter_long'),
                       ('three stages (earlier default)', 'three_stage_anchored'),
-                      ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default')),
+                      ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default'),
+                      ('default on a longer phase 0 (70 % of phase 1\'s steps moved)', 'default_long_phase0')),
                      'segmenter_long', _DECIDE),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),

@@ -100,14 +100,15 @@ def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
   assert not any(c.startswith('--config.pretrain.checkpoint=') for c in long.command)
   # the diffusion arms beside it still share the dataset's phase 0 (and train as `anchored_x0` / `anchored`)
   assert set(tasks) == {'kvasir_seg/segmenter_long/seed0', 'kvasir_seg/segmenter/seed0',
-                        'kvasir_seg/anchored_x0/seed0', 'kvasir_seg/default/seed0',
-                        'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0'}
+                        'kvasir_seg/anchored_x0/seed0', 'kvasir_seg/default/seed0', 'kvasir_seg/x0_only/seed0',
+                        'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0',
+                        'kvasir_seg/default_long_phase0_phase0/seed0', 'kvasir_seg/default_long_phase0/seed0'}
   synthetic = run_lib.plan(['control'], ['synthetic'], [0], '/r', '/res', [], arms_filter=('segmenter_long',))
   assert [t.command[-1] for t in synthetic] == ['--config.pretrain.num_steps=1300']  # 300 + the pinned 1000
   # run with the fake main.py: collected like a phase 0, under its own arm, with its validation curve
   make, tmp_path = fake
-  assert run_lib.Runner([t for t in make(['control'], seeds=(0,)) if t.kind == 'pretrain'], 1, None,
-                        'test').run() == 0
+  assert run_lib.Runner([t for t in make(['control'], seeds=(0,)) if t.kind == 'pretrain'
+                         and 'long_phase0' not in t.key], 1, None, 'test').run() == 0
   results = tmp_path / 'results' / 'synthetic'
   assert sorted(os.listdir(results)) == ['segmenter', 'segmenter_long']
   record = json.loads((results / 'segmenter_long' / 'seed0' / 'run.json').read_text())
@@ -123,6 +124,27 @@ def test_unified_arms_run_only_on_the_unified_data():
           'unified/unified_equal_compute/seed0'} <= keys
   assert 'unified/default/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
 
+
+
+def test_an_arm_on_a_longer_phase0_trains_its_own_at_equal_total_steps(fake):
+  make, tmp_path = fake
+  tasks = {t.key: t for t in run_lib.plan(['control'], ['kvasir_seg'], [0], '/r', '/res', [])}
+  own, arm = tasks['kvasir_seg/default_long_phase0_phase0/seed0'], tasks['kvasir_seg/default_long_phase0/seed0']
+  long = tasks['kvasir_seg/segmenter_long/seed0']
+  pre, steps = run_lib._steps(sweeps.DATASETS['kvasir_seg'])  # pylint: disable=protected-access
+  assert (pre, steps) == (1000, 2500)  # the cpu profile; 70 % of 2 500 = 1 750 steps move to phase 0
+  assert own.kind == 'pretrain' and own.command[-1] == '--config.pretrain.num_steps=2750'
+  assert arm.deps == (own.key,) and f'--config.pretrain.checkpoint={own.workdir}' in arm.command
+  # the last num_steps flag wins (absl): phase 1 keeps 750 steps; together as many as the long segmenter's
+  assert [c for c in arm.command if c.startswith('--config.train.num_steps=')][-1] == '--config.train.num_steps=750'
+  assert 2750 + 750 == int(long.command[-1].split('=')[1])
+  # the run is paired with its own, longer phase 0 (not the shared 1 000-step one)
+  run = [t for t in make(['control'], seeds=(0,)) if t.key.startswith('synthetic/default_long_phase0')]
+  assert run_lib.Runner(run, 1, None, 'test').run() == 0
+  assert [c.split()[0] for c in _calls(tmp_path)] == ['pretrain', 'train']
+  results = tmp_path / 'results' / 'synthetic'
+  assert ((results / 'default_long_phase0' / 'seed0' / run_lib.PHASE0_CASES).read_text()
+          == (results / 'default_long_phase0_phase0' / 'seed0' / 'per_case.csv').read_text())
 
 def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   make, tmp_path = fake
