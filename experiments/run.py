@@ -2,14 +2,14 @@
 
 Every arm x seed x dataset is one `main.py` run in its own workdir (`--root`, default runs/experiments);
 phase 0 is trained once per (dataset, seed) (`--mode=pretrain`) and handed to every phase-1 arm through
-`--config.pretrain.checkpoint`. A finished run is skipped; an interrupted one resumes from its checkpoint
+`--config.pretrain.checkpoint` (an arm with `phase0_share_of_phase1` trains a longer one of its own). A finished run is skipped; an interrupted one resumes from its checkpoint
 (rerun the same command), so a sweep can span several sittings. `--jobs=N` runs N at once (an accelerator
 host); `--deadline_minutes` stops starting runs after that long and SIGTERMs (checkpoint + exit) what still
 runs a few minutes later. Each finished run's small outputs (summary.json, per_case.csv, curve.csv, run.json
 with the command, commit, device and wall time) are copied to `--results` (default experiments/results,
 committed); `python -m experiments.report` turns them into docs/RESULTS.md.
 
-An arm marked `trains_as` another (sweeps.Arm; the default arm trains as `anchored`) is not trained again:
+An arm marked `trains_as` another (sweeps.Arm; the default arm trains as `anchored_x0`) is not trained again:
 the plan checks that the two resolve to the same config but for `sampling.*`, runs the other arm's training
 once, and evaluates its checkpoint (the one that arm's validation Dice chose) on the test split with this
 arm's own sampling, into `eval/arm_<arm>/` of that workdir; run.json says which arm trained it.
@@ -155,7 +155,7 @@ class SharedTrainingError(ValueError):
 
 def _shared_training(arm_name: str, command: list[str], source_name: str, source_command: list[str]) -> dict:
   """{'checkpoint_chosen_with': the source's sampler} once checked that the two commands train the same
-  model (same config but for sampling.*, same phase-0 sharing and step multiplier)."""
+  model (same config but for sampling.*, same phase-0 sharing, phase-0 share and step multiplier)."""
   arm, source = sweeps.ARMS[arm_name], sweeps.ARMS[source_name]
   setup = lambda a: (a.shared_phase0, a.steps_multiplier, a.phase0_share_of_phase1)
   if source.trains_as or setup(arm) != setup(source):
