@@ -2,8 +2,9 @@
 
 Every arm x seed x dataset is one `main.py` run in its own workdir (`--root`, default runs/experiments);
 phase 0 is trained once per (dataset, seed) (`--mode=pretrain`) and handed to every phase-1 arm through
-`--config.pretrain.checkpoint` (an arm with `phase0_share_of_phase1` trains a longer one of its own). A finished run is skipped; an interrupted one resumes from its checkpoint
-(rerun the same command), so a sweep can span several sittings. `--jobs=N` runs N at once (an accelerator
+`--config.pretrain.checkpoint` (an arm with `phase0_share_of_phase1` trains a longer one of its own). A finished
+run is skipped; an interrupted one resumes from its checkpoint (rerun the same command), so a sweep can span
+several sittings. `--jobs=N` runs N at once (an accelerator
 host); `--deadline_minutes` stops starting runs after that long and SIGTERMs (checkpoint + exit) what still
 runs a few minutes later. Each finished run's small outputs (summary.json, per_case.csv, curve.csv, run.json
 with the command, commit, device and wall time) are copied to `--results` (default experiments/results,
