@@ -9,6 +9,7 @@ statistics are experiments.stats; nothing in the page is typed by hand. Missing 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import dataclasses
 import datetime
@@ -265,10 +266,27 @@ def _unified_arm(arm: str) -> bool:
   return spec is not None and spec.only_dataset == 'unified'
 
 
+def code_fingerprint(source: str) -> str | None:
+  """What a Python file does, without its comments and docstrings (the AST dump), or None if it does not parse:
+  two versions with the same fingerprint behave the same."""
+  try:
+    tree = ast.parse(source)
+  except (SyntaxError, ValueError):
+    return None
+  for node in ast.walk(tree):
+    body = getattr(node, 'body', None)
+    if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)):
+      node.body = body[1:] or [ast.Pass()]
+  return ast.dump(tree, include_attributes=False)
+
+
 class Staleness:
-  """Whether a run still stands for its arm at HEAD: its commit's unisegdiff_jax/ must match HEAD's, and the
-  config it recorded must equal what the arm's command (sweeps.py) resolves to now; a run that recorded no
-  config falls back to "configs/ unchanged since its commit" (subprocess git)."""
+  """Whether a run still stands for its arm at HEAD: its commit's unisegdiff_jax/ must do what HEAD's does (a
+  change to comments or docstrings alone does not count), and the config it recorded must equal what the arm's
+  command (sweeps.py) resolves to now; a run that recorded no config falls back to "configs/ unchanged since
+  its commit" (subprocess git)."""
 
   def __init__(self, repo: str = REPO):
     self.repo, self._changed, self.notes, self.shared = repo, {}, {}, {}
@@ -283,11 +301,32 @@ class Staleness:
     done = self._git('rev-parse', 'HEAD')
     return done.stdout.strip() if done is not None and done.returncode == 0 else 'unknown'
 
-  def _differs(self, commit: str, path: str) -> bool | None:
+  def changed_files(self, commit: str, path: str) -> list[str] | None:
+    """The files under `path` whose code differs between `commit` and HEAD (a .py file whose only changes are
+    comments and docstrings is left out), or None if git cannot tell."""
     if (commit, path) not in self._changed:
-      done = self._git('diff', '--quiet', commit, 'HEAD', '--', path)
-      self._changed[commit, path] = None if done is None or done.returncode not in (0, 1) else done.returncode == 1
+      done = self._git('diff', '--name-only', '--no-renames', '-z', commit, 'HEAD', '--', path)
+      self._changed[commit, path] = None if done is None or done.returncode != 0 else [
+          name for name in done.stdout.split('\0') if name and not self._same_code(commit, name)]
     return self._changed[commit, path]
+
+  def _same_code(self, commit: str, name: str) -> bool:
+    if not name.endswith('.py'):
+      return False
+    old, new = self._git('show', f'{commit}:{name}'), self._git('show', f'HEAD:{name}')
+    if old is None or new is None or old.returncode or new.returncode:
+      return False  # added, deleted or unreadable
+    fingerprint = code_fingerprint(old.stdout)
+    return fingerprint is not None and fingerprint == code_fingerprint(new.stdout)
+
+  def _change_reason(self, commit: str, path: str, suffix: str = '') -> str | None:
+    files = self.changed_files(commit, path)
+    if files is None:
+      return f'staleness unknown (git could not compare {commit[:8]} with HEAD)'
+    if not files:
+      return None
+    names = ', '.join(os.path.relpath(f, path) for f in files[:4]) + (', …' if len(files) > 4 else '')
+    return f'{path}/ changed since {commit[:8]} ({names}){suffix}'
 
   def _config_reason(self, record: Mapping) -> str | None:
     try:
@@ -319,16 +358,12 @@ class Staleness:
       return 'commit unknown'
     if record.get('dirty'):
       return f'run from a modified tree at {commit[:8]}'
-    unknown = f'staleness unknown (git could not compare {commit[:8]} with HEAD)'
-    code = self._differs(commit, 'unisegdiff_jax')
-    if code is None or code:
-      return unknown if code is None else f'unisegdiff_jax/ changed since {commit[:8]}'
+    code = self._change_reason(commit, 'unisegdiff_jax')
+    if code is not None:
+      return code
     if 'config' in record:
       return self._config_reason(record)
-    configs = self._differs(commit, 'configs')
-    if configs is None or configs:
-      return unknown if configs is None else f'configs/ changed since {commit[:8]} (the run recorded no config)'
-    return None
+    return self._change_reason(commit, 'configs', ' and the run recorded no config')
 
   def mark(self, where: str, runs: Mapping[int, Run]) -> str:
     """' ⚠[^n]' with a footnote listing the reasons (and ' †[^sn]' for runs trained as another arm), or ''."""

@@ -439,3 +439,50 @@ def test_prune_images_keeps_exactly_the_plots_the_page_shows(tmp_path):
   assert report.prune_images(str(tmp_path / 'RESULTS.md'), text) == [str(png_dir / 'budget_a_old.png')]
   assert sorted(os.listdir(png_dir)) == ['budget_a.png', 'notes.txt']
   assert report.prune_images(str(tmp_path / 'elsewhere' / 'RESULTS.md'), text) == []  # no plot folder there
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings_only():
+  base = '"""Module."""\nimport os\n\n\ndef f(x):\n  """Doc."""\n  return x + 1  # one\n'
+  reworded = '"""Module, reworded."""\nimport os\n\n\n# a new comment\ndef f(x):\n  """Other doc."""\n  return x + 1\n'
+  assert report.code_fingerprint(base) == report.code_fingerprint(reworded)
+  assert report.code_fingerprint(base) != report.code_fingerprint(base.replace('x + 1', 'x + 2'))
+  # a string that is not the first statement is code, not a docstring
+  assert report.code_fingerprint(base) != report.code_fingerprint(base.replace('  return', '  "s"\n  return'))
+  # a function whose body was only its docstring keeps a body
+  assert report.code_fingerprint('def g():\n  """Only."""\n') == report.code_fingerprint('def g():\n  pass\n')
+  assert report.code_fingerprint('def (:\n') is None
+
+
+@pytest.mark.skipif(HEAD is None, reason='needs git')
+def test_staleness_names_the_changed_files_and_skips_comment_only_edits(tmp_path):
+  def git(*args):
+    return subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+  def commit(files):
+    for name, text in files.items():
+      os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+      (tmp_path / name).write_text(text)
+    git('add', '-A')
+    git('commit', '-q', '-m', 'c')
+    return git('rev-parse', 'HEAD')
+
+  git('init', '-q')
+  first = commit({'unisegdiff_jax/a.py': 'def f():\n  return 1\n', 'unisegdiff_jax/b.py': 'X = 1\n',
+                  'configs/c.py': 'Y = 1\n'})
+  record = {'commit': first, 'dirty': False}  # no recorded config: configs/ is compared too
+  docs_only = commit({'unisegdiff_jax/a.py': '"""Now documented."""\n\n\ndef f():  # why\n  return 1\n'})
+  assert report.Staleness(str(tmp_path)).changed_files(first, 'unisegdiff_jax') == []
+  assert report.Staleness(str(tmp_path))._own_reason(record) is None  # pylint: disable=protected-access
+  commit({'unisegdiff_jax/b.py': 'X = 2\n', 'unisegdiff_jax/notes.txt': 'new\n'})
+  stale = report.Staleness(str(tmp_path))
+  assert stale.changed_files(first, 'unisegdiff_jax') == ['unisegdiff_jax/b.py', 'unisegdiff_jax/notes.txt']
+  assert stale.changed_files(docs_only, 'unisegdiff_jax') == ['unisegdiff_jax/b.py', 'unisegdiff_jax/notes.txt']
+  assert stale._own_reason(record) == (  # pylint: disable=protected-access
+      f'unisegdiff_jax/ changed since {first[:8]} (b.py, notes.txt)')
+  git('rm', '-q', 'unisegdiff_jax/notes.txt')
+  commit({'unisegdiff_jax/b.py': 'X = 1  # back as it was\n', 'configs/c.py': 'Y = 2\n'})
+  assert report.Staleness(str(tmp_path))._own_reason(record) == (  # pylint: disable=protected-access
+      f'configs/ changed since {first[:8]} (c.py) and the run recorded no config')
+  assert 'staleness unknown' in report.Staleness(str(tmp_path))._own_reason(  # pylint: disable=protected-access
+      {'commit': '0' * 40, 'dirty': False})
