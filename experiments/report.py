@@ -680,14 +680,16 @@ class Report:
   def unified(self, sweep) -> list[str]:
     labels = self.labels(sweep)
     lines = self.organs(sweep) + ['### Unified vs per-dataset models (paired by dataset and case)', '',
-             '| dataset | arm | Dice % | per-dataset Dice % | diff (points) | 95 % CI | verdict |',
-             '|---|---|---:|---:|---:|---|---|']
+             '| dataset | arm | vs | Dice % | vs Dice % | diff (points) | 95 % CI | verdict |',
+             '|---|---|---|---:|---:|---:|---|---|']
+    references = (sweep.reference, *sweep.also_vs)  # the per-dataset models, at equal steps or equal compute
     for dataset in [d for d in sweep.datasets if d not in NOT_REAL] + [ALL_REAL]:
-      rows = [r for r in self.computed.get((sweep.name, dataset), []) if r['b'] == sweep.reference]
-      lines += [f"| {dataset} | {labels[r['a']]} | {r['mean_a']:.1f} | {r['mean_b']:.1f} | {r['diff']:+.1f} | "
-                f"[{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | **{r['verdict']}** |" for r in rows]
+      rows = [r for r in self.computed.get((sweep.name, dataset), [])
+              if r['b'] in references and _unified_arm(r['a'])]
+      lines += [f"| {dataset} | {labels[r['a']]} | {labels[r['b']]} | {r['mean_a']:.1f} | {r['mean_b']:.1f} | "
+                f"{r['diff']:+.1f} | [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | **{r['verdict']}** |" for r in rows]
       if not rows:
-        lines.append(f'| {dataset} | not run | – | – | – | – | – |')
+        lines.append(f'| {dataset} | not run | – | – | – | – | – | – |')
     return lines + ['']
 
   def attention(self) -> list[str]:

@@ -132,9 +132,9 @@ def _arm_command(ds_name: str, arm_name: str, seed: int, root: str, common: list
     deps = (key,)
   elif 'scratch' in arm.tokens:  # equal gradient steps: phase 0's are added to phase 1
     command.append(f'--config.train.num_steps={steps + pre_steps}')
-  elif arm.steps_multiplier > 1:
-    command += [f'--config.train.num_steps={steps * arm.steps_multiplier}',
-                f'--config.pretrain.num_steps={pre_steps * arm.steps_multiplier}']
+  elif arm.steps_scale != 1:
+    command += [f'--config.train.num_steps={max(1, round(steps * arm.steps_scale))}',
+                f'--config.pretrain.num_steps={max(1, round(pre_steps * arm.steps_scale))}']
   return command, workdir, deps
 
 
@@ -156,9 +156,9 @@ class SharedTrainingError(ValueError):
 
 def _shared_training(arm_name: str, command: list[str], source_name: str, source_command: list[str]) -> dict:
   """{'checkpoint_chosen_with': the source's sampler} once checked that the two commands train the same
-  model (same config but for sampling.*, same phase-0 sharing, phase-0 share and step multiplier)."""
+  model (same config but for sampling.*, same phase-0 sharing, phase-0 share and step scale)."""
   arm, source = sweeps.ARMS[arm_name], sweeps.ARMS[source_name]
-  setup = lambda a: (a.shared_phase0, a.steps_multiplier, a.phase0_share_of_phase1)
+  setup = lambda a: (a.shared_phase0, a.steps_scale, a.phase0_share_of_phase1)
   if source.trains_as or setup(arm) != setup(source):
     raise SharedTrainingError(f'arm {arm_name!r} cannot train as {source_name!r}: their runs are set up differently')
   own, theirs = config_record.resolve(command[2:]), config_record.resolve(source_command[2:])

@@ -39,7 +39,9 @@ class Arm:
   tokens: tuple[str, ...] = ()  # config-file argument tokens (stage presets, scratch/frozen/finetune)
   overrides: tuple[str, ...] = ()  # --config.x=y
   shared_phase0: bool = True  # False: no phase 0 (scratch); its steps are added to phase 1
-  steps_multiplier: int = 1  # phase-1 (and phase-0) steps x this (unified at equal total compute)
+  # Phase-1 (and phase-0) steps x this, rounded: the unified question at equal total compute, either the unified
+  # model x5 or each per-dataset model /5 (five of them then cost one unified model at the profile's steps).
+  steps_scale: float = 1.0
   only_dataset: str | None = None
   # Trained once as that arm: the two must resolve to the same config but for `sampling.*` (the runner checks);
   # this arm then evaluates that arm's checkpoint with its own sampling. The checkpoint is the one that arm's
@@ -109,7 +111,10 @@ ARMS = {
     'default_long_phase0': Arm(shared_phase0=False, phase0_share_of_phase1=0.7),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
-    'unified_equal_compute': Arm(shared_phase0=False, steps_multiplier=len(UNIFIED_MEMBERS), only_dataset='unified'),
+    'unified_equal_compute': Arm(shared_phase0=False, steps_scale=len(UNIFIED_MEMBERS), only_dataset='unified'),
+    # the other way to equal total compute: one default model per dataset at a fifth of the steps (phase 0 and
+    # phase 1, its own phase 0), so the five cost what `unified_equal_steps` costs: affordable where x5 is not
+    'default_fifth_steps': Arm(shared_phase0=False, steps_scale=1 / len(UNIFIED_MEMBERS)),
 }
 
 
@@ -152,11 +157,14 @@ SWEEPS = {
                     'segmenter', _DECIDE),
     # The per-dataset model is the default configuration: the `default` arm, which the other sweeps also run;
     # the plain method's per-dataset runs (the default before 2026-11-27) stay beside it.
+    # Equal total compute two ways: the unified model at 5x the steps against the per-dataset models, or the
+    # unified model at the profile's steps against per-dataset models at 1/5 of them (`also_vs`).
     'unified': Sweep('unified', 'Does one unified model serve five organs as well as one model per organ?',
                      (('per-dataset model', 'default'), ('per-dataset model, plain method', 'three_stage'),
+                      ('per-dataset model, 1/5 of the steps', 'default_fifth_steps'),
                       ('unified, equal steps', 'unified_equal_steps'),
                       ('unified, equal total compute', 'unified_equal_compute')), 'default',
-                     UNIFIED_MEMBERS + ('unified',)),
+                     UNIFIED_MEMBERS + ('unified',), also_vs=('default_fifth_steps',)),
     'control': Sweep('control', 'Is the default\'s gain over its own segmenter more than extra training? (a '
                      'segmenter trained for phase 0 + phase 1 steps, equal gradient steps)',
                      (('segmenter, phase 0 + 1 steps', 'segmenter_long'),

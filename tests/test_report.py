@@ -229,6 +229,8 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
   for dataset in DATASETS:
     for seed in range(2):
       write_run(results, dataset, 'default', seed, base_dice(dataset, seed))
+      # per-dataset models at a fifth of the steps (equal total compute with the unified run): 3 points below
+      write_run(results, dataset, 'default_fifth_steps', seed, [d - 0.03 for d in base_dice(dataset, seed)])
   for seed in range(2):  # one unified run over both sets, 2 points below on kvasir_seg, 1 above on busi
     directory = write_run(results, 'unified', 'unified_equal_steps', seed, [0.5])
     with open(os.path.join(directory, 'per_case.csv'), 'w') as f:
@@ -243,8 +245,9 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
     with open(os.path.join(directory, 'summary.json'), 'w') as f:
       json.dump(summary, f)
   sweeps = {'unified': Sweep('unified', 'One model?', (('per-dataset model', 'default'),
+                                                     ('per-dataset, 1/5 steps', 'default_fifth_steps'),
                                                      ('unified, equal steps', 'unified_equal_steps')),
-                             'default', DATASETS + ('unified',))}
+                             'default', DATASETS + ('unified',), also_vs=('default_fifth_steps',))}
   monkeypatch.setitem(sys.modules, 'experiments.sweeps', types.SimpleNamespace(SWEEPS=sweeps))
   out = str(tmp_path / 'docs' / 'RESULTS.md')
   old_plot = tmp_path / 'docs' / 'results_png' / 'budget_kvasir_seg_renamed_arm.png'  # from an earlier page
@@ -255,9 +258,15 @@ def test_unified_pairs_by_dataset_and_case(tmp_path, monkeypatch):
     text = f.read()
   assert not old_plot.exists()  # a plot the page no longer shows is removed with the regeneration
   lines = section(text, '### Unified vs per-dataset models (paired by dataset and case)')
-  assert row(lines, 'kvasir_seg', 'unified, equal steps')[4:] == ['-2.0', '[-2.0, -2.0]', '**worse**']
-  assert row(lines, 'busi', 'unified, equal steps')[4:] == ['+1.0', '[+1.0, +1.0]', '**better**']
-  assert row(lines, 'all real sets', 'unified, equal steps')[4] == '-0.5'  # unweighted mean of the two sets
+  assert row(lines, 'kvasir_seg', 'unified, equal steps', 'per-dataset model')[5:] == ['-2.0', '[-2.0, -2.0]',
+                                                                                       '**worse**']
+  assert row(lines, 'busi', 'unified, equal steps', 'per-dataset model')[5:] == ['+1.0', '[+1.0, +1.0]', '**better**']
+  assert row(lines, 'all real sets', 'unified, equal steps', 'per-dataset model')[5] == '-0.5'  # unweighted mean
+  # at equal total compute: against the per-dataset models trained a fifth as long
+  assert row(lines, 'kvasir_seg', 'unified, equal steps', 'per-dataset, 1/5')[5:] == ['+1.0', '[+1.0, +1.0]',
+                                                                                      '**better**']
+  assert row(lines, 'busi', 'unified, equal steps', 'per-dataset, 1/5')[5] == '+4.0'
+  assert not [line for line in lines if line.startswith('| kvasir_seg | per-dataset, 1/5')]  # unified arms only
   organs = section(text, '### Per organ and unified, side by side')
   kvasir = np.mean([base_dice('kvasir_seg', s) for s in range(2)])
   assert row(organs, 'kvasir_seg', 'per-organ diffusion')[4] == f'{100 * kvasir:.1f}'

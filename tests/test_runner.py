@@ -123,6 +123,20 @@ def test_unified_arms_run_only_on_the_unified_data():
   assert {'kvasir_seg/default/seed0', 'unified/unified_equal_steps/seed0',
           'unified/unified_equal_compute/seed0'} <= keys
   assert 'unified/default/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
+  assert 'unified/default_fifth_steps/seed0' not in keys
+  by_key = {t.key: t.command for t in tasks}
+
+  def steps(key):  # the last num_steps flag of each phase wins (absl)
+    return tuple(int([c for c in by_key[key] if c.startswith(f'--config.{p}.num_steps=')][-1].split('=')[1])
+                 for p in ('pretrain', 'train'))
+
+  # the cpu profile is 1 000 + 2 500 steps; equal total compute: x5 for the unified model, /5 per dataset
+  assert steps('unified/unified_equal_compute/seed0') == (5000, 12500)
+  for dataset in sweeps.UNIFIED_MEMBERS:
+    assert steps(f'{dataset}/default_fifth_steps/seed0') == (200, 500)
+    assert not [c for c in by_key[f'{dataset}/default_fifth_steps/seed0']
+                if c.startswith('--config.pretrain.checkpoint=')]  # a phase 0 of its own, a fifth as long
+  assert not [c for c in by_key['unified/unified_equal_steps/seed0'] if c.startswith('--config.train.num_steps=')]
 
 
 
