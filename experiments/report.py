@@ -35,7 +35,7 @@ MARGIN = 1.0  # Dice points: the equivalence margin of 'no difference'
 CLAIMS: dict[str, tuple[str, Callable[[str], bool]]] = {
     'targets': ('staging', lambda arm: 'stage' in arm),  # the staged tables (the default is x0 only since 2026-11-27)
     'encoder': ('pre-training', lambda arm: True), 'encoder_plain': ('pre-training (plain method)', lambda arm: True),
-    'unified': ('unification', lambda arm: True),
+    'unified': ('unification', lambda arm: _unified_arm(arm)),  # not the per-dataset arms beside the reference
     'control': ('the diffusion phase (against a segmenter trained as many steps)', lambda arm: True)}
 HYGIENE = (
     'Checkpoints are chosen by validation Dice, the sampler budget on the validation split; the test split is '

@@ -109,6 +109,13 @@ ARMS = {
     # the default on top of a longer phase 0: 70 % of phase 1's steps moved to phase 0 (synthetic: 1 000 + 300,
     # Kvasir-SEG and BUSI: 2 750 + 750), the same total steps as segmenter_long
     'default_long_phase0': Arm(shared_phase0=False, phase0_share_of_phase1=0.7),
+    # the default trained where it samples: its one DDIM step evaluates at t = 999, where x_t is pure noise up to
+    # sqrt(alpha_bar) = 0.006 of the mask, but uniform t spends two thirds of training where sqrt(alpha_bar) > 0.1
+    # and x_t shows the mask. Two x0 stages drawn half and half (`balanced`): half the batch at t >= 900
+    # (sqrt(alpha_bar) <= 0.017), so the network is mostly a refiner of the segmenter's logits with noise as its
+    # input (the ledger's refiner control).
+    'x0_high_t': Arm(overrides=(_stages('900:1000 x0 loss=bce_dice steps=1; 0:900 x0 loss=bce_dice steps=9'),
+                                '--config.diffusion.timestep_sampling=balanced')),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_scale=len(UNIFIED_MEMBERS), only_dataset='unified'),
@@ -153,7 +160,7 @@ SWEEPS = {
                      ('+ mask scale 0.3', 'mask_scale_0.3'), ('anchored (all, fine-tuned), staged', 'anchored'),
                      ('anchored, x0 only, staged', 'anchored_x0'),
                      ('anchored, three stages, 2 steps (earlier default)', 'three_stage_anchored'),
-                     ('default config', 'default')),
+                     ('default config', 'default'), ('default, half its training at t >= 900', 'x0_high_t')),
                     'segmenter', _DECIDE),
     # The per-dataset model is the default configuration: the `default` arm, which the other sweeps also run;
     # the plain method's per-dataset runs (the default before 2026-11-27) stay beside it.
@@ -170,7 +177,8 @@ SWEEPS = {
                      (('segmenter, phase 0 + 1 steps', 'segmenter_long'),
                       ('three stages (earlier default)', 'three_stage_anchored'),
                       ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default'),
-                      ('default on a longer phase 0 (70 % of phase 1\'s steps moved)', 'default_long_phase0')),
+                      ('default on a longer phase 0 (70 % of phase 1\'s steps moved)', 'default_long_phase0'),
+                      ('default, half its training at t >= 900 (where it samples)', 'x0_high_t')),
                      'segmenter_long', _DECIDE),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),

@@ -102,7 +102,11 @@ def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
   assert set(tasks) == {'kvasir_seg/segmenter_long/seed0', 'kvasir_seg/segmenter/seed0',
                         'kvasir_seg/anchored_x0/seed0', 'kvasir_seg/default/seed0', 'kvasir_seg/x0_only/seed0',
                         'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0',
-                        'kvasir_seg/default_long_phase0_phase0/seed0', 'kvasir_seg/default_long_phase0/seed0'}
+                        'kvasir_seg/default_long_phase0_phase0/seed0', 'kvasir_seg/default_long_phase0/seed0',
+                        'kvasir_seg/x0_high_t/seed0'}
+  high_t = tasks['kvasir_seg/x0_high_t/seed0']  # the default trained half at t >= 900, on the shared phase 0
+  assert high_t.deps == ('kvasir_seg/segmenter/seed0',) and high_t.kind == 'train'
+  assert '--config.diffusion.timestep_sampling=balanced' in high_t.command
   synthetic = run_lib.plan(['control'], ['synthetic'], [0], '/r', '/res', [], arms_filter=('segmenter_long',))
   assert [t.command[-1] for t in synthetic] == ['--config.pretrain.num_steps=1300']  # 300 + the pinned 1000
   # run with the fake main.py: collected like a phase 0, under its own arm, with its validation curve
