@@ -179,7 +179,7 @@ SWEEPS = {
                       ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default'),
                       ('default on a longer phase 0 (70 % of phase 1\'s steps moved)', 'default_long_phase0'),
                       ('default, half its training at t >= 900 (where it samples)', 'x0_high_t')),
-                     'segmenter_long', _DECIDE),
+                     'segmenter_long', _DECIDE, also_vs=('default',)),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),
                      ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
