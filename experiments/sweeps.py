@@ -149,7 +149,7 @@ SWEEPS = {
                      budget=True, also_vs=('default', 'three_stage_anchored')),
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
                      (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
-                      ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE),
+                      ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE, also_vs=('default',)),
     'encoder_plain': Sweep('encoder_plain', 'In the plain method, does the segmentation pre-training help?',
                            (('scratch', 'scratch'), ('frozen', 'three_stage'), ('fine-tuned', 'finetune'),
                             ('fine-tuned + coarse logits', 'finetune_coarse')), 'scratch', _DECIDE),
