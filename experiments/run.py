@@ -142,9 +142,23 @@ def _moved_steps(arm: sweeps.Arm, steps: int) -> int:
   return int(round(steps * arm.phase0_share_of_phase1))
 
 
+def phase0_arm(arm_name: str) -> str:
+  """The arm whose longer phase 0 an arm with `phase0_share_of_phase1` trains on: its own or `phase0_like`'s."""
+  arm = sweeps.ARMS[arm_name]
+  if not arm.phase0_like:
+    return arm_name
+  like = sweeps.ARMS.get(arm.phase0_like)
+  if like is None or like.phase0_like or like.phase0_share_of_phase1 != arm.phase0_share_of_phase1:
+    raise ValueError(f'arm {arm_name!r}: phase0_like={arm.phase0_like!r} must name an arm with the same '
+                     f'phase0_share_of_phase1 ({arm.phase0_share_of_phase1}) and a phase 0 of its own')
+  return arm.phase0_like
+
+
 def own_phase0(ds_name: str, arm_name: str, seed: int, root: str) -> tuple[str, str, int]:
-  """(task key, workdir, phase-0 steps) of the longer phase 0 of an arm with `phase0_share_of_phase1`."""
+  """(task key, workdir, phase-0 steps) of the longer phase 0 of an arm with `phase0_share_of_phase1` (that of
+  its `phase0_like` arm where it names one)."""
   dataset, arm = sweeps.DATASETS[ds_name], sweeps.ARMS[arm_name]
+  arm_name = phase0_arm(arm_name)
   pre_steps, steps = _steps(dataset)
   return (f'{ds_name}/{arm_name}_phase0/seed{seed}', os.path.join(root, ds_name, f'{arm_name}_phase0', f'seed{seed}'),
           pre_steps + _moved_steps(arm, steps))
@@ -210,10 +224,11 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
           if arm is None:  # 'segmenter': phase 0 itself
             continue
           key = f'{ds_name}/{arm_name}/seed{seed}'
-          if arm.phase0_share_of_phase1:
+          if arm.phase0_share_of_phase1:  # planned as its `phase0_like` arm plans it, so the task is one
             own_key, own_dir, own_steps = own_phase0(ds_name, arm_name, seed, root)
-            add_pretrain(own_key, dataset, own_dir, common, arm.tokens,
-                         (*arm.overrides, f'--config.pretrain.num_steps={own_steps}'))
+            owner = sweeps.ARMS[phase0_arm(arm_name)]
+            add_pretrain(own_key, dataset, own_dir, common, owner.tokens,
+                         (*owner.overrides, f'--config.pretrain.num_steps={own_steps}'))
           if arm.segmenter_only:  # phase 0 alone, for phase 0's plus phase 1's steps
             add_pretrain(key, dataset, os.path.join(root, ds_name, arm_name, f'seed{seed}'), common, arm.tokens,
                          (*arm.overrides, f'--config.pretrain.num_steps={sum(_steps(dataset))}'))

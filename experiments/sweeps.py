@@ -53,6 +53,9 @@ class Arm:
   # This fraction of phase 1's steps is spent on a longer phase 0 of the arm's own instead (equal total gradient
   # steps): does the diffusion phase add anything on top of a well-trained segmenter?
   phase0_share_of_phase1: float = 0.0
+  # With `phase0_share_of_phase1`: use that arm's longer phase 0 instead of training one of the same kind again,
+  # so the two arms differ only in phase 1 and pair on the same segmenter (the runner checks the shares agree).
+  phase0_like: str | None = None
 
 
 def _stages(table: str) -> str:
@@ -66,6 +69,8 @@ _X0_ONLY_BCE = _stages('0:1000 x0 loss=bce_dice steps=10')
 _ANCHOR = ('--config.pretrain.coarse_logits=True', '--config.model.self_condition=True', _BCE_X0,
            '--config.loss.aux_weight=1.0')
 _DDIM2 = '--config.sampling.ddim_steps=2'  # with the default's sampler (ddim)
+_HIGH_T = (_stages('900:1000 x0 loss=bce_dice steps=1; 0:900 x0 loss=bce_dice steps=9'),
+           '--config.diffusion.timestep_sampling=balanced')  # x0_high_t, below
 _PLAIN = ('plain', 'three_stage')  # the method before the anchored default (configs/default.py)
 
 
@@ -109,13 +114,16 @@ ARMS = {
     # the default on top of a longer phase 0: 70 % of phase 1's steps moved to phase 0 (synthetic: 1 000 + 300,
     # Kvasir-SEG and BUSI: 2 750 + 750), the same total steps as segmenter_long
     'default_long_phase0': Arm(shared_phase0=False, phase0_share_of_phase1=0.7),
+    # the two changes that came closest to the long segmenter, together: the longer phase 0 of
+    # `default_long_phase0` (the same checkpoint), its 30 % of phase 1 trained like `x0_high_t`
+    'long_phase0_high_t': Arm(overrides=_HIGH_T, shared_phase0=False, phase0_share_of_phase1=0.7,
+                              phase0_like='default_long_phase0'),
     # the default trained where it samples: its one DDIM step evaluates at t = 999, where x_t is pure noise up to
     # sqrt(alpha_bar) = 0.006 of the mask, but uniform t spends two thirds of training where sqrt(alpha_bar) > 0.1
     # and x_t shows the mask. Two x0 stages drawn half and half (`balanced`): half the batch at t >= 900
     # (sqrt(alpha_bar) <= 0.017), so the network is mostly a refiner of the segmenter's logits with noise as its
     # input (the ledger's refiner control).
-    'x0_high_t': Arm(overrides=(_stages('900:1000 x0 loss=bce_dice steps=1; 0:900 x0 loss=bce_dice steps=9'),
-                                '--config.diffusion.timestep_sampling=balanced')),
+    'x0_high_t': Arm(overrides=_HIGH_T),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_scale=len(UNIFIED_MEMBERS), only_dataset='unified'),
@@ -178,8 +186,9 @@ SWEEPS = {
                       ('three stages (earlier default)', 'three_stage_anchored'),
                       ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default'),
                       ('default on a longer phase 0 (70 % of phase 1\'s steps moved)', 'default_long_phase0'),
-                      ('default, half its training at t >= 900 (where it samples)', 'x0_high_t')),
-                     'segmenter_long', _DECIDE, also_vs=('default',)),
+                      ('default, half its training at t >= 900 (where it samples)', 'x0_high_t'),
+                      ('both: longer phase 0, then half at t >= 900', 'long_phase0_high_t')),
+                     'segmenter_long', _DECIDE, also_vs=('default', 'default_long_phase0')),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),
                      ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',

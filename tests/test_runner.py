@@ -103,7 +103,7 @@ def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
                         'kvasir_seg/anchored_x0/seed0', 'kvasir_seg/default/seed0', 'kvasir_seg/x0_only/seed0',
                         'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0',
                         'kvasir_seg/default_long_phase0_phase0/seed0', 'kvasir_seg/default_long_phase0/seed0',
-                        'kvasir_seg/x0_high_t/seed0'}
+                        'kvasir_seg/x0_high_t/seed0', 'kvasir_seg/long_phase0_high_t/seed0'}
   high_t = tasks['kvasir_seg/x0_high_t/seed0']  # the default trained half at t >= 900, on the shared phase 0
   assert high_t.deps == ('kvasir_seg/segmenter/seed0',) and high_t.kind == 'train'
   assert '--config.diffusion.timestep_sampling=balanced' in high_t.command
@@ -163,6 +163,36 @@ def test_an_arm_on_a_longer_phase0_trains_its_own_at_equal_total_steps(fake):
   results = tmp_path / 'results' / 'synthetic'
   assert ((results / 'default_long_phase0' / 'seed0' / run_lib.PHASE0_CASES).read_text()
           == (results / 'default_long_phase0_phase0' / 'seed0' / 'per_case.csv').read_text())
+
+
+def test_an_arm_can_train_on_another_arms_longer_phase0(fake, monkeypatch):
+  make, tmp_path = fake
+  tasks = run_lib.plan(['control'], ['kvasir_seg'], [0], '/r', '/res', [],
+                       arms_filter=('long_phase0_high_t', 'default_long_phase0'))
+  by_key = {t.key: t for t in tasks}
+  # one longer phase 0, planned from the arm that owns it, and both phase-1 runs start from it
+  assert [t.key for t in tasks if t.kind == 'pretrain'] == ['kvasir_seg/default_long_phase0_phase0/seed0']
+  own = by_key['kvasir_seg/default_long_phase0_phase0/seed0']
+  alone = run_lib.plan(['control'], ['kvasir_seg'], [0], '/r', '/res', [], arms_filter=('long_phase0_high_t',))
+  assert [t.command for t in alone if t.kind == 'pretrain'] == [own.command]  # whichever arm plans it first
+  both = by_key['kvasir_seg/long_phase0_high_t/seed0']
+  assert both.deps == (own.key,) and f'--config.pretrain.checkpoint={own.workdir}' in both.command
+  assert '--config.diffusion.timestep_sampling=balanced' in both.command
+  assert ([c for c in both.command if c.startswith('--config.train.num_steps=')][-1]
+          == '--config.train.num_steps=750')
+  # a phase0_like that cannot share (another share, or an arm that borrows its own) is refused by name
+  monkeypatch.setitem(sweeps.ARMS, 'bad', sweeps.Arm(shared_phase0=False, phase0_share_of_phase1=0.5,
+                                                     phase0_like='default_long_phase0'))
+  with pytest.raises(ValueError, match="arm 'bad': phase0_like='default_long_phase0'"):
+    run_lib.own_phase0('kvasir_seg', 'bad', 0, '/r')
+  # run with the fake main.py: the borrowing arm is paired with the shared longer phase 0
+  run = [t for t in make(['control'], seeds=(0,)) if 'long_phase0' in t.key]
+  assert run_lib.Runner(run, 1, None, 'test').run() == 0
+  assert [c.split()[0] for c in _calls(tmp_path)] == ['pretrain', 'train', 'train']
+  results = tmp_path / 'results' / 'synthetic'
+  assert ((results / 'long_phase0_high_t' / 'seed0' / run_lib.PHASE0_CASES).read_text()
+          == (results / 'default_long_phase0_phase0' / 'seed0' / 'per_case.csv').read_text())
+
 
 def test_runner_collects_skips_finished_runs_and_resumes_interrupted_ones(fake):
   make, tmp_path = fake
