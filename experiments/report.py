@@ -757,7 +757,10 @@ def hardware(results: str) -> list[str]:
       where, seed = os.path.split(os.path.relpath(directory, results))
       key = (str(record.get('device', 'unknown')), str(record.get('hardware', '')))
       groups.setdefault(key, {}).setdefault(where.replace(os.sep, '/'), []).append(seed.removeprefix('seed'))
-  return [f"- {device}{f' ({hw})' if hw and hw != device else ''}: {sum(map(len, runs.values()))} runs — "
+  def label(device: str, hw: str) -> str:  # a --hardware text that already names the device stands alone
+    return hw if hw.startswith(device) else f'{device} ({hw})' if hw else device
+
+  return [f"- {label(device, hw)}: {sum(map(len, runs.values()))} runs — "
           + ', '.join(f"{w} (seeds {', '.join(s)})" for w, s in runs.items())
           for (device, hw), runs in sorted(groups.items())] or ['- no run.json found']
 

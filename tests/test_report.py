@@ -495,3 +495,16 @@ def test_staleness_names_the_changed_files_and_skips_comment_only_edits(tmp_path
       f'configs/ changed since {first[:8]} (c.py) and the run recorded no config')
   assert 'staleness unknown' in report.Staleness(str(tmp_path))._own_reason(  # pylint: disable=protected-access
       {'commit': '0' * 40, 'dirty': False})
+
+
+def test_hardware_lines_group_runs_and_name_the_device_once(tmp_path):
+  for where, seed, device, hw in [('synthetic/default', 0, 'cpu', 'cpu (2-core, two at once)'),
+                                  ('synthetic/default', 1, 'cpu', 'cpu (2-core, two at once)'),
+                                  ('busi/segmenter', 0, 'NVIDIA H200', '12 runs at once'),
+                                  ('busi/default', 0, 'cpu', '')]:
+    os.makedirs(tmp_path / where / f'seed{seed}')
+    (tmp_path / where / f'seed{seed}' / 'run.json').write_text(json.dumps({'device': device, 'hardware': hw}))
+  assert report.hardware(str(tmp_path)) == [
+      '- NVIDIA H200 (12 runs at once): 1 runs — busi/segmenter (seeds 0)',
+      '- cpu: 1 runs — busi/default (seeds 0)',
+      '- cpu (2-core, two at once): 2 runs — synthetic/default (seeds 0, 1)']
