@@ -97,6 +97,9 @@ ARMS = {
     # encoder, inside the default method (which fine-tunes)
     'default_scratch': Arm(('scratch',), shared_phase0=False),
     'default_frozen': Arm(('frozen',)),
+    # the default fine-tunes its pre-trained encoder at 0.1x the learning rate; here at the full rate (on
+    # synthetic the scratch arm, encoder and denoiser trained together at the full rate, beat the default)
+    'default_encoder_lr1': Arm(overrides=('--config.pretrain.finetune_lr_multiplier=1.0',)),
     # method (issue: make the diffusion model earn its place), one change at a time from the plain method,
     # then together; `anchored` is the bundle with the staged sampler, as it was measured before it became
     # the default.
@@ -157,7 +160,9 @@ SWEEPS = {
                      budget=True, also_vs=('default', 'three_stage_anchored')),
     'encoder': Sweep('encoder', 'Does the segmentation pre-training help (equal gradient steps)?',
                      (('scratch', 'default_scratch'), ('frozen', 'default_frozen'),
-                      ('fine-tuned (default)', 'default')), 'default_scratch', _DECIDE, also_vs=('default',)),
+                      ('fine-tuned (default)', 'default'),
+                      ('fine-tuned at the full learning rate', 'default_encoder_lr1')), 'default_scratch', _DECIDE,
+                     also_vs=('default',)),
     'encoder_plain': Sweep('encoder_plain', 'In the plain method, does the segmentation pre-training help?',
                            (('scratch', 'scratch'), ('frozen', 'three_stage'), ('fine-tuned', 'finetune'),
                             ('fine-tuned + coarse logits', 'finetune_coarse')), 'scratch', _DECIDE),
@@ -187,7 +192,9 @@ SWEEPS = {
                       ('x0 only, 2 steps (the default\'s model)', 'x0_only'), ('default config', 'default'),
                       ('default on a longer phase 0 (70 % of phase 1\'s steps moved)', 'default_long_phase0'),
                       ('default, half its training at t >= 900 (where it samples)', 'x0_high_t'),
-                      ('both: longer phase 0, then half at t >= 900', 'long_phase0_high_t')),
+                      ('both: longer phase 0, then half at t >= 900', 'long_phase0_high_t'),
+                      ('default, encoder fine-tuned at the full learning rate', 'default_encoder_lr1'),
+                      ('default from scratch (no phase 0, its steps added to phase 1)', 'default_scratch')),
                      'segmenter_long', _DECIDE, also_vs=('default', 'default_long_phase0')),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),

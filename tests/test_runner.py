@@ -103,7 +103,8 @@ def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
                         'kvasir_seg/anchored_x0/seed0', 'kvasir_seg/default/seed0', 'kvasir_seg/x0_only/seed0',
                         'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0',
                         'kvasir_seg/default_long_phase0_phase0/seed0', 'kvasir_seg/default_long_phase0/seed0',
-                        'kvasir_seg/x0_high_t/seed0', 'kvasir_seg/long_phase0_high_t/seed0'}
+                        'kvasir_seg/x0_high_t/seed0', 'kvasir_seg/long_phase0_high_t/seed0',
+                        'kvasir_seg/default_encoder_lr1/seed0', 'kvasir_seg/default_scratch/seed0'}
   high_t = tasks['kvasir_seg/x0_high_t/seed0']  # the default trained half at t >= 900, on the shared phase 0
   assert high_t.deps == ('kvasir_seg/segmenter/seed0',) and high_t.kind == 'train'
   assert '--config.diffusion.timestep_sampling=balanced' in high_t.command
