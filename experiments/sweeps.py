@@ -174,7 +174,8 @@ SWEEPS = {
                      ('anchored, x0 only, staged', 'anchored_x0'),
                      ('anchored, three stages, 2 steps (earlier default)', 'three_stage_anchored'),
                      ('default config', 'default'), ('default, half its training at t >= 900', 'x0_high_t')),
-                    'segmenter', _DECIDE),
+                    # each "+ X" is one change to the plain method: paired with it too (same phase 0)
+                    'segmenter', _DECIDE, also_vs=('three_stage',)),
     # The per-dataset model is the default configuration: the `default` arm, which the other sweeps also run;
     # the plain method's per-dataset runs (the default before 2026-11-27) stay beside it.
     # Equal total compute two ways: the unified model at 5x the steps against the per-dataset models, or the
