@@ -170,9 +170,9 @@ class SharedTrainingError(ValueError):
 
 def _shared_training(arm_name: str, command: list[str], source_name: str, source_command: list[str]) -> dict:
   """{'checkpoint_chosen_with': the source's sampler} once checked that the two commands train the same
-  model (same config but for sampling.*, same phase-0 sharing, phase-0 share and step scale)."""
+  model (same config but for sampling.*, same phase-0 sharing, phase-0 share and owner, and step scale)."""
   arm, source = sweeps.ARMS[arm_name], sweeps.ARMS[source_name]
-  setup = lambda a: (a.shared_phase0, a.steps_scale, a.phase0_share_of_phase1)
+  setup = lambda a: (a.shared_phase0, a.steps_scale, a.phase0_share_of_phase1, a.phase0_like)
   if source.trains_as or setup(arm) != setup(source):
     raise SharedTrainingError(f'arm {arm_name!r} cannot train as {source_name!r}: their runs are set up differently')
   own, theirs = config_record.resolve(command[2:]), config_record.resolve(source_command[2:])
