@@ -15,13 +15,13 @@ OUT=${OUT:-/tmp/device_out}; JOBS=${JOBS:-12}; MINUTES=${MINUTES:-7}; GRACE=${GR
 HARD_SECONDS=${HARD_SECONDS:-100000}
 SWEEPS=${SWEEPS:-method,targets,encoder,budget,unified,control}
 SEEDS=${SEEDS:-0,1,2}; SEED_DATASETS=${SEED_DATASETS:-kvasir_seg:2,busi:2,ph2:2,lgg_brain_mri:2,ddti_thyroid_us:2,unified:2}
-PY=${PY:-python3}
+PY=${PY:-python3}; PACK_DIR=${PACK_DIR:-devpack/packs}  # PACK_DIR: another pack folder (e.g. 32 px packs for --smoke)
 mkdir -p "$OUT"
 source benchmarks/devpack_env.sh  # wheels, environment, HW
 echo "hardware: $HW; $(nproc) CPU cores; jobs $JOBS; deadline $MINUTES min"
 timeout "$HARD_SECONDS" "$PY" -m experiments.run "$SWEEPS" --seeds="$SEEDS" --seed_datasets="$SEED_DATASETS" \
   --jobs="$JOBS" --deadline_minutes="$MINUTES" --grace_minutes="$GRACE" --hardware="$HW, $(nproc) CPU cores, $JOBS runs at once" \
-  --root=/tmp/experiment_runs --results="$OUT/results" ${RUNNER_ARGS:-} -- --config.data.pack_dir=devpack/packs
+  --root=/tmp/experiment_runs --results="$OUT/results" ${RUNNER_ARGS:-} -- --config.data.pack_dir="$PACK_DIR"
 status=$?
 tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
 (cd /tmp/experiment_runs && find . \( -name summary.json -o -name per_case.csv -o -name scalars.jsonl -o -name 'log_*.txt' -o -name run.json \) \
