@@ -4,11 +4,12 @@ Every arm x seed x dataset is one `main.py` run in its own workdir (`--root`, de
 phase 0 is trained once per (dataset, seed) (`--mode=pretrain`) and handed to every phase-1 arm through
 `--config.pretrain.checkpoint` (an arm with `phase0_share_of_phase1` trains a longer one of its own). A finished
 run is skipped; an interrupted one resumes from its checkpoint (rerun the same command), so a sweep can span
-several sittings. `--jobs=N` runs N at once (an accelerator
-host); `--deadline_minutes` stops starting runs after that long and SIGTERMs (checkpoint + exit) what still
-runs a few minutes later. Each finished run's small outputs (summary.json, per_case.csv, curve.csv, run.json
-with the command, commit, device and wall time) are copied to `--results` (default experiments/results,
-committed); `python -m experiments.report` turns them into docs/RESULTS.md.
+several sittings. `--jobs=N` runs N at once (an accelerator host); `--deadline_minutes` stops starting
+trainings after that long (a test evaluation of a finished training still starts in the grace period) and
+SIGTERMs (checkpoint + exit) what still runs `--grace_minutes` later. Each finished run's small outputs
+(summary.json, per_case.csv, curve.csv, run.json with the command, commit, device and wall time) are copied to
+`--results` (default experiments/results, committed); `python -m experiments.report` turns them into
+docs/RESULTS.md.
 
 An arm marked `trains_as` another (sweeps.Arm; the default arm trains as `anchored_x0`) is not trained again:
 the plan checks that the two resolve to the same config but for `sampling.*`, runs the other arm's training
@@ -441,6 +442,11 @@ def budget_test_command(task: Task, choice: dict) -> tuple[list[str], str, str]:
   return [*task.command[:2], '--mode=eval', f'--output={out}', *task.command[2:], *flags], label, out
 
 
+# Test-split evaluations of a finished training (another arm's sampler; a chosen budget): short, so they may
+# still start after the deadline, inside the grace period.
+EVALUATION_KINDS = ('shared_eval', 'budget_test')
+
+
 class Runner:
   """Runs tasks with `jobs` workers, respecting dependencies, until done or past the deadline."""
 
@@ -453,9 +459,11 @@ class Runner:
     self.commit = commit()
     self.by_key = {t.key: t for t in tasks}
 
-  def _next(self) -> Task | None:
+  def _next(self, evaluations_only: bool = False) -> Task | None:
     for task in self.tasks:
       if task.done or task.failed or task.key in self.running:
+        continue
+      if evaluations_only and task.kind not in EVALUATION_KINDS:
         continue
       deps = [self.by_key.get(d) for d in task.deps]
       if any(d is not None and d.failed for d in deps):
@@ -521,8 +529,9 @@ class Runner:
     while True:
       threads = [t for t in threads if t.is_alive()]
       past_deadline = self.deadline is not None and time.time() > self.deadline
-      with self.lock:
-        task = None if past_deadline or len(threads) >= self.jobs else self._next()
+      past_grace = past_deadline and time.time() > self.deadline + self.grace_seconds
+      with self.lock:  # past the deadline, only the short test evaluations of finished trainings still start
+        task = None if past_grace or len(threads) >= self.jobs else self._next(evaluations_only=past_deadline)
         if task is not None:
           self.running[task.key] = None  # reserved
       if task is not None:
@@ -530,9 +539,9 @@ class Runner:
         thread.start()
         threads.append(thread)
         continue
-      if not threads and (past_deadline or self._next() is None):
+      if not threads and (past_grace or self._next(evaluations_only=past_deadline) is None):
         break
-      if past_deadline and self.deadline is not None and time.time() > self.deadline + self.grace_seconds:
+      if past_grace:
         for process in list(self.running.values()):
           if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)  # checkpoint and exit; resumes next time
@@ -552,7 +561,7 @@ def main(argv=None) -> int:
   parser.add_argument('--root', default=os.path.join(REPO, 'runs', 'experiments'))
   parser.add_argument('--results', default=os.path.join(REPO, 'experiments', 'results'))
   parser.add_argument('--jobs', type=int, default=1)
-  parser.add_argument('--deadline_minutes', type=float, default=0, help='start no run after this long')
+  parser.add_argument('--deadline_minutes', type=float, default=0, help='start no training after this long')
   parser.add_argument('--grace_minutes', type=float, default=4,
                       help='after the deadline, runs still going get this long before SIGTERM (checkpoint, exit)')
   parser.add_argument('--hardware', default='', help='free text recorded with every run (default: the device kind)')

@@ -381,3 +381,22 @@ def test_a_shared_arm_cites_the_training_it_evaluated_even_when_that_run_was_ret
   record = json.loads((tmp_path / 'results' / 'synthetic' / 'default' / 'seed0' / 'run.json').read_text())
   assert record['training_run']['commit'] == 'abc123' and record['training_run']['arm'] == 'anchored_x0'
   assert record['training_wall_seconds'] != 12345.0
+
+
+def test_past_the_deadline_only_test_evaluations_of_finished_trainings_start(fake):
+  """A device call's deadline: no new training starts, but the default's evaluation of its finished training does
+  (within the grace period); past the grace period nothing starts."""
+  make, tmp_path = fake
+  def encoder_tasks():
+    return make(['encoder'], seeds=(0,))
+  trained = [t for t in encoder_tasks() if t.key.split('/')[1] in ('segmenter', 'anchored_x0')]
+  assert run_lib.Runner(trained, 1, None, 'test').run() == 0
+  before = len(_calls(tmp_path))
+  past = run_lib.time.time() - 1
+  assert run_lib.Runner(encoder_tasks(), 2, past, 'test', grace_seconds=0).run() == 0
+  assert _calls(tmp_path)[before:] == []  # past the grace period too: nothing starts
+  assert run_lib.Runner(encoder_tasks(), 2, past, 'test', grace_seconds=600).run() == 0
+  started = [c.split()[0] for c in _calls(tmp_path)[before:]]
+  assert started == ['eval']  # the default's test evaluation; no scratch, frozen or full-rate training
+  assert (tmp_path / 'results' / 'synthetic' / 'default' / 'seed0' / 'summary.json').exists()
+  assert not (tmp_path / 'results' / 'synthetic' / 'default_frozen').exists()
