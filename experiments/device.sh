@@ -9,7 +9,8 @@
 # device call's own limit. RUNNER_ARGS: more runner flags (--arms=..., --budget_settings=..., --smoke).
 # Results come back as $OUT/results.tgz (the layout of experiments/results: `tar xzf results.tgz -C experiments`)
 # and $OUT/runs.tgz (every run's summary, per-case results, scalars, log and workdir run.json, for `experiments.run --collect_only`);
-# the device tool returns files, not deep folder trees.
+# the device tool returns files, not deep folder trees. Runs and results stay in /tmp: a second call on the
+# same warm machine skips what the first finished (its results come back again with the new ones).
 set -u
 OUT=${OUT:-/tmp/device_out}; JOBS=${JOBS:-12}; MINUTES=${MINUTES:-7}; GRACE=${GRACE:-4}
 HARD_SECONDS=${HARD_SECONDS:-100000}
@@ -21,9 +22,9 @@ source benchmarks/devpack_env.sh  # wheels, environment, HW
 echo "hardware: $HW; $(nproc) CPU cores; jobs $JOBS; deadline $MINUTES min"
 timeout "$HARD_SECONDS" "$PY" -m experiments.run "$SWEEPS" --seeds="$SEEDS" --seed_datasets="$SEED_DATASETS" \
   --jobs="$JOBS" --deadline_minutes="$MINUTES" --grace_minutes="$GRACE" --hardware="$HW, $(nproc) CPU cores, $JOBS runs at once" \
-  --root=/tmp/experiment_runs --results="$OUT/results" ${RUNNER_ARGS:-} -- --config.data.pack_dir="$PACK_DIR"
+  --root=/tmp/experiment_runs --results=/tmp/experiment_results/results ${RUNNER_ARGS:-} -- --config.data.pack_dir="$PACK_DIR"
 status=$?
-tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+tar czf "$OUT/results.tgz" -C /tmp/experiment_results results
 (cd /tmp/experiment_runs && find . \( -name summary.json -o -name per_case.csv -o -name scalars.jsonl -o -name 'log_*.txt' -o -name run.json \) \
   -not -path '*/checkpoints/*' | tar czf "$OUT/runs.tgz" -T -)
 exit $status
