@@ -365,9 +365,11 @@ class Staleness:
       return self._config_reason(record)
     return self._change_reason(commit, 'configs', ' and the run recorded no config')
 
-  def mark(self, where: str, runs: Mapping[int, Run]) -> str:
-    """' ⚠[^n]' with a footnote listing the reasons (and ' †[^sn]' for runs trained as another arm), or ''."""
-    return self._stale_mark(where, runs) + self._shared_mark(where, runs)
+  def mark(self, where: str, runs: Mapping[int, Run], sources: Mapping[str, Mapping[int, Run]] | None = None) -> str:
+    """' ⚠[^n]' with a footnote listing the reasons (and ' †[^sn]' for runs trained as another arm), or ''.
+    `sources`: the results of the arms those runs were trained as, to tell whether each still holds the very
+    training a shared run evaluated."""
+    return self._stale_mark(where, runs) + self._shared_mark(where, runs, sources or {})
 
   def _stale_mark(self, where: str, runs: Mapping[int, Run]) -> str:
     reasons = sorted({f'seed {s}: {why}' for s, r in runs.items() if (why := self.reason(r.record))})
@@ -376,15 +378,22 @@ class Staleness:
     self.notes.setdefault(where, '; '.join(reasons))
     return f' ⚠[^{list(self.notes).index(where) + 1}]'
 
-  def _shared_mark(self, where: str, runs: Mapping[int, Run]) -> str:
+  def _shared_mark(self, where: str, runs: Mapping[int, Run], sources: Mapping[str, Mapping[int, Run]]) -> str:
     shared = {(r.record['trained_as'], r.record.get('checkpoint_chosen_with', '?')) for r in runs.values()
               if r.record.get('trained_as')}
     if not shared:
       return ''
-    self.shared.setdefault(where, '; '.join(
-        f"trained once as arm `{arm}` (the two configs differ only in `sampling.*`; the runner checks it); the "
-        f"checkpoint is the one that arm's validation Dice chose with its `{chosen}` sampler, evaluated on test "
-        f"with this arm's sampling; wall time = that training + this evaluation" for arm, chosen in sorted(shared)))
+    notes = [f"trained once as arm `{arm}` (the two configs differ only in `sampling.*`; the runner checks it); the "
+             f"checkpoint is the one that arm's validation Dice chose with its `{chosen}` sampler, evaluated on test "
+             f"with this arm's sampling; wall time = that training + this evaluation" for arm, chosen in sorted(shared)]
+    for seed, run in sorted(runs.items()):
+      trained, arm = run.record.get('training_run') or {}, run.record.get('trained_as')
+      source = sources.get(arm, {}).get(seed) if arm else None
+      if arm and source is not None and any(  # as far as the records tell: same commit, same config = same run
+          k in trained and trained[k] != source.record.get(k) for k in ('commit', 'dirty', 'config')):
+        notes.append(f"seed {seed}: an earlier training of `{arm}` (commit {str(trained.get('commit'))[:8]}), not the "
+                     f"`{arm}` run in the table (commit {str(source.record.get('commit'))[:8]}, a later training)")
+    self.shared.setdefault(where, '; '.join(notes))
     return f' †[^s{list(self.shared).index(where) + 1}]'
 
 
@@ -555,8 +564,10 @@ class Report:
         continue
       shown = [arm for _, arm in sweep.arms]
       shown += [SEGMENTER] if runs[SEGMENTER] and SEGMENTER not in shown else []
-      lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected, self.stale.mark(f'{dataset}/{a}', runs[a]))
-                             for a in shown] + ['']
+      sources = {r.record['trained_as']: self.arm(dataset, r.record['trained_as'])
+                 for a in shown for r in runs[a].values() if r.record.get('trained_as')}
+      lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected,
+                                     self.stale.mark(f'{dataset}/{a}', runs[a], sources)) for a in shown] + ['']
       phase0 = {a: own_phase0(r) for a, r in runs.items()}
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0)
       self.computed[sweep.name, dataset] = rows

@@ -426,6 +426,9 @@ def test_an_arm_trained_as_another_is_marked_and_counts_that_training_in_its_wal
   notes = section(text, '## Shared training notes')
   assert any(line.startswith('[^s1]: kvasir_seg/default') and 'arm `anchored`' in line and '`staged`' in line
              for line in notes)
+  # seed 1 evaluated another training of `anchored` than the one whose results the table shows; seed 0 the same one
+  note = next(line for line in notes if line.startswith('[^s1]'))
+  assert 'seed 1: an earlier training of `anchored` (commit unknown)' in note and 'seed 0:' not in note
 
 
 def test_a_curve_names_the_sampler_its_validation_ran_with():
