@@ -71,7 +71,8 @@ class Run:
 
   def dice(self) -> float:
     """The dataset Dice of summary.json (the mean of the per-case rows where it has none)."""
-    return float(self.block().get('dice', np.mean(list(self.scores().values()))))
+    block = self.block()
+    return float(block['dice'] if 'dice' in block else np.mean(list(self.scores().values())))
 
   def block(self) -> dict:
     per_dataset = self.summary.get('datasets', {})
@@ -500,7 +501,7 @@ def plot_budget(path: str, title: str, settings: list[dict], segmenter: tuple | 
   for label, seconds, dice in tested:
     ax.scatter([seconds], [100 * dice], c='C2', marker='D', label=f'{label} (test)')
   if segmenter is not None:
-    ax.scatter([segmenter[0]], [100 * segmenter[1]], c='C3', marker='*', s=150, label='segmenter (test)')
+    ax.scatter([segmenter[0]], [100 * segmenter[1]], c='C3', marker='*', s=150, label='own phase-0 segmenter (test)')
   if all(s['seconds'] > 0 for s in settings):
     ax.set_xscale('log')
   ax.set(xlabel='seconds per image', ylabel='Dice %', title=title)
@@ -641,7 +642,7 @@ class Report:
           lines += band_table({a: arms[a] for a in names}, phase0, labels, self.n)
           self.finding(f'{sweep.name} / {dataset} (chosen setting, test)', sweep, rows, labels, reference=SEGMENTER)
         path = self.png(f'budget_{dataset}_{arm}.png')
-        plot_budget(path, f'{dataset}: Dice vs time per image', settings, _point(seg) if seg else None,
+        plot_budget(path, f'{dataset}: Dice vs time per image', settings, _segmenter_point(seg, phase0),
                     [(n, *_point(t)) for n, t in tests.items()])
         lines += [self.link(path, f'budget {dataset}'), '']
     return lines
@@ -744,6 +745,17 @@ class Report:
         parts.append(f"not run: {', '.join(f['not_run'])}")
       lines.append(f"- **{f['title']}**: " + ('. '.join(parts) if parts else 'no comparison possible') + '.')
     return lines + ([] if self.findings else ['_nothing to compare yet_']) + ['']
+
+
+def _segmenter_point(seg: Mapping[int, Run], phase0: Mapping[str, stats.Arm | None]) -> tuple | None:
+  """(s/image, Dice) of the phase 0 the tested runs started from (their own rows, mean over seeds), else of the
+  segmenter arm; its time per image is the segmenter arm's."""
+  own = next((arm for arm in phase0.values() if arm), None)
+  if not seg:
+    return None
+  if own is None:
+    return _point(seg)
+  return _point(seg)[0], float(np.mean([np.mean(list(cases.values())) for cases in own.values()]))
 
 
 def _point(runs: Mapping[int, Run]) -> tuple[float, float]:

@@ -511,3 +511,12 @@ def test_hardware_lines_group_runs_and_name_the_device_once(tmp_path):
       '- NVIDIA H200 (12 runs at once): 1 runs — busi/segmenter (seeds 0)',
       '- cpu: 1 runs — busi/default (seeds 0)',
       '- cpu (2-core, two at once): 2 runs — synthetic/default (seeds 0, 1)']
+
+
+def test_the_budget_plots_segmenter_is_the_tested_runs_own_phase0():
+  seg = {s: report.Run(s, {'seconds_per_image': t, 'datasets': {'d': {'dice': 0.5}}}, [], [], {}, 'd')
+         for s, t in ((0, 0.01), (1, 0.03))}
+  own = {0: {('d', 'a'): 0.6, ('d', 'b'): 0.8}, 1: {('d', 'a'): 0.7, ('d', 'b'): 0.9}}
+  assert report._segmenter_point(seg, {'x@ddim1_x1': own}) == pytest.approx((0.02, 0.75))  # pylint: disable=protected-access
+  assert report._segmenter_point(seg, {'x@ddim1_x1': None}) == pytest.approx((0.02, 0.5))  # pylint: disable=protected-access
+  assert report._segmenter_point({}, {'x@ddim1_x1': own}) is None  # pylint: disable=protected-access
