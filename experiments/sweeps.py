@@ -127,6 +127,10 @@ ARMS = {
     # (sqrt(alpha_bar) <= 0.017), so the network is mostly a refiner of the segmenter's logits with noise as its
     # input (the ledger's refiner control).
     'x0_high_t': Arm(overrides=_HIGH_T),
+    # the x0_high_t training on the two encoders that tied the long segmenter on synthetic: the full-rate
+    # fine-tuned encoder, and no phase 0 at all (encoder and denoiser trained together for phase 0 + 1 steps)
+    'lr1_high_t': Arm(overrides=('--config.pretrain.finetune_lr_multiplier=1.0',) + _HIGH_T),
+    'scratch_high_t': Arm(('scratch',), _HIGH_T, shared_phase0=False),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_scale=len(UNIFIED_MEMBERS), only_dataset='unified'),
@@ -195,7 +199,9 @@ SWEEPS = {
                       ('default, half its training at t >= 900 (where it samples)', 'x0_high_t'),
                       ('both: longer phase 0, then half at t >= 900', 'long_phase0_high_t'),
                       ('default, encoder fine-tuned at the full learning rate', 'default_encoder_lr1'),
-                      ('default from scratch (no phase 0, its steps added to phase 1)', 'default_scratch')),
+                      ('default from scratch (no phase 0, its steps added to phase 1)', 'default_scratch'),
+                      ('full-rate encoder, half its training at t >= 900', 'lr1_high_t'),
+                      ('from scratch, half its training at t >= 900', 'scratch_high_t')),
                      'segmenter_long', _DECIDE, also_vs=('default', 'default_long_phase0')),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),

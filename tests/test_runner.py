@@ -104,10 +104,18 @@ def test_the_control_segmenter_trains_alone_for_phase0_plus_phase1_steps(fake):
                         'kvasir_seg/anchored/seed0', 'kvasir_seg/three_stage_anchored/seed0',
                         'kvasir_seg/default_long_phase0_phase0/seed0', 'kvasir_seg/default_long_phase0/seed0',
                         'kvasir_seg/x0_high_t/seed0', 'kvasir_seg/long_phase0_high_t/seed0',
-                        'kvasir_seg/default_encoder_lr1/seed0', 'kvasir_seg/default_scratch/seed0'}
+                        'kvasir_seg/default_encoder_lr1/seed0', 'kvasir_seg/default_scratch/seed0',
+                        'kvasir_seg/lr1_high_t/seed0', 'kvasir_seg/scratch_high_t/seed0'}
   high_t = tasks['kvasir_seg/x0_high_t/seed0']  # the default trained half at t >= 900, on the shared phase 0
   assert high_t.deps == ('kvasir_seg/segmenter/seed0',) and high_t.kind == 'train'
   assert '--config.diffusion.timestep_sampling=balanced' in high_t.command
+  # the same training on the full-rate encoder (shared phase 0) and from scratch (none; its steps in phase 1)
+  lr1, scratch = tasks['kvasir_seg/lr1_high_t/seed0'], tasks['kvasir_seg/scratch_high_t/seed0']
+  assert lr1.deps == high_t.deps and scratch.deps == ()
+  assert set(high_t.command[4:]) < set(lr1.command) and '--config.pretrain.finetune_lr_multiplier=1.0' in lr1.command
+  assert scratch.command[2] == '--config=configs/polyp.py:cpu,scratch'
+  assert scratch.command[-1] == f'--config.train.num_steps={pre + steps}'
+  assert '--config.diffusion.timestep_sampling=balanced' in scratch.command
   synthetic = run_lib.plan(['control'], ['synthetic'], [0], '/r', '/res', [], arms_filter=('segmenter_long',))
   assert [t.command[-1] for t in synthetic] == ['--config.pretrain.num_steps=1300']  # 300 + the pinned 1000
   # run with the fake main.py: collected like a phase 0, under its own arm, with its validation curve
