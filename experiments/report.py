@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -515,28 +515,50 @@ class Report:
   """Builds the page section by section; `findings` feeds the plain reading."""
 
   def __init__(self, results: str, out: str, sweeps: Mapping, n_resamples: int, expected_seeds: int,
-               staleness: Staleness | None = None):
+               staleness: Staleness | None = None, fallbacks: Sequence[str] = ()):
     self.results, self.sweeps, self.n, self.expected = results, sweeps, n_resamples, expected_seeds
+    # Other results trees (e.g. the CPU replicates): a sweep's section for a dataset where `results` has none of
+    # its arms is read whole from the first of these that has one; no table mixes two trees.
+    self.fallbacks = [f for f in fallbacks if os.path.abspath(f) != os.path.abspath(results)]
+    self.used_fallbacks: list[str] = []
     self.out_dir = os.path.dirname(os.path.abspath(out))
     self.png_dir = os.path.join(self.out_dir, 'results_png')
     self.stale = staleness or Staleness()
     self.findings: list[dict] = []  # title, claim, reference, labels, rows, not_run
     self._arms: dict[tuple[str, str, bool], dict[int, Run]] = {}
-    self._budgets: dict[tuple[str, str], tuple[dict[int, dict], dict[str, dict[int, Run]]]] = {}
+    self._budgets: dict[str, tuple[dict[int, dict], dict[str, dict[int, Run]]]] = {}
     self.computed: dict[tuple[str, str], list[dict]] = {}
+
+  def root(self, sweep, dataset: str) -> str:
+    """The results tree a sweep's section for `dataset` is read from: `results` if it has a run of one of the
+    sweep's arms there, else the first fallback that does (else `results`)."""
+    arms = [arm for _, arm in sweep.arms if arm != SEGMENTER] if sweep is not None else []
+    for root in [self.results, *self.fallbacks] if arms else []:
+      if any(seed_dirs(os.path.join(root, dataset, arm)) for arm in arms):
+        if root != self.results and root not in self.used_fallbacks:
+          self.used_fallbacks.append(root)
+        return root
+    return self.results
 
   def arm(self, dataset: str, arm: str, sweep=None) -> dict[int, Run]:
     """A unified sweep's arms other than its reference come from `unified/` where a dataset lacks them."""
-    key = (dataset, arm, sweep is not None and 'unified' in sweep.datasets and _unified_arm(arm))
+    key = (self.root(sweep, dataset), dataset, arm,
+           sweep is not None and 'unified' in sweep.datasets and _unified_arm(arm))
     if key not in self._arms:
-      self._arms[key] = load_arm(self.results, *key)
+      self._arms[key] = load_arm(*key)
     return self._arms[key]
 
-  def budget_runs(self, dataset: str, arm: str) -> tuple[dict[int, dict], dict[str, dict[int, Run]]]:
+  def budget_runs(self, dataset: str, arm: str, sweep) -> tuple[dict[int, dict], dict[str, dict[int, Run]]]:
     """read_budget of an arm's results, read once for the budget tables and the chosen-budget comparison."""
-    if (dataset, arm) not in self._budgets:
-      self._budgets[dataset, arm] = read_budget(os.path.join(self.results, dataset, arm), dataset)
-    return self._budgets[dataset, arm]
+    path = os.path.join(self.root(sweep, dataset), dataset, arm)
+    if path not in self._budgets:
+      self._budgets[path] = read_budget(path, dataset)
+    return self._budgets[path]
+
+  def where(self, sweep, dataset: str) -> str:
+    """'' for the main tree, else ' [from ROOT]': marks the headings and findings of a fallback's section."""
+    root = self.root(sweep, dataset)
+    return '' if root == self.results else f' [from {root}]'
 
   def finding(self, title: str, sweep, rows: list[dict], labels: Mapping[str, str], not_run=(), reference=None):
     self.findings.append({'title': title, 'claim': CLAIMS.get(sweep.name), 'reference': reference or sweep.reference,
@@ -558,21 +580,22 @@ class Report:
     lines, labels = [f'## Sweep `{sweep.name}`', '', sweep.question, ''], self.labels(sweep)
     names = list(dict.fromkeys([arm for _, arm in sweep.arms] + [SEGMENTER]))
     for dataset in sweep.datasets:
-      lines += [f'### {sweep.name} — {dataset}', '']
+      lines += [f'### {sweep.name} — {dataset}{self.where(sweep, dataset)}', '']
       runs = {arm: self.arm(dataset, arm, sweep) for arm in names}
       if not any(runs[arm] for _, arm in sweep.arms):
         lines += ['_not run_', '']
         continue
       shown = [arm for _, arm in sweep.arms]
       shown += [SEGMENTER] if runs[SEGMENTER] and SEGMENTER not in shown else []
-      sources = {r.record['trained_as']: self.arm(dataset, r.record['trained_as'])
+      sources = {r.record['trained_as']: self.arm(dataset, r.record['trained_as'], sweep)
                  for a in shown for r in runs[a].values() if r.record.get('trained_as')}
       lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected,
                                      self.stale.mark(f'{dataset}/{a}', runs[a], sources)) for a in shown] + ['']
       phase0 = {a: own_phase0(r) for a, r in runs.items()}
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0)
       self.computed[sweep.name, dataset] = rows
-      self.finding(f'{sweep.name} / {dataset}', sweep, rows, labels, [labels[a] for a in shown if not runs[a]])
+      self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)}', sweep, rows, labels,
+                   [labels[a] for a in shown if not runs[a]])
       lines += (CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']) + ['']
       if sweep.name in BAND_SWEEPS:
         lines += band_table({a: scores(runs[a]) for a in shown}, phase0, labels, self.n)
@@ -602,7 +625,7 @@ class Report:
       path = self.png(f'convergence_{sweep.name}_{dataset}.png')
       plot_curves(path, f'{dataset}: validation Dice', {labels[a]: c for a, c in curves.items()}, target)
       reference = labels.get(sweep.reference, sweep.reference)
-      lines += [f'**{dataset}** — first step at which the seed-mean validation Dice reaches the final validation '
+      lines += [f'**{dataset}**{self.where(sweep, dataset)} — first step at which the seed-mean validation Dice reaches the final validation '
                 f'Dice of {reference} ' + (f'({_pct(target)} %)' if target is not None else '(no curve of it yet)'),
                 '',
                 '| arm | seeds with a curve | validated with | final val Dice % | first step reaching it |',
@@ -619,18 +642,18 @@ class Report:
     lines = [f'### Budget ({sweep.name}): chosen on validation, tested once', '']
     for dataset in sweep.datasets:
       for label, arm in sweep.arms:
-        vals, tests = self.budget_runs(dataset, arm)
+        vals, tests = self.budget_runs(dataset, arm, sweep)
         if not vals:
           lines += [f'{dataset} / {label}: _not run_', '']
           continue
         settings = budget_settings(vals)
-        lines += [f'**{dataset} / {label}** — validation ({len(vals)} seeds)', '',
+        lines += [f'**{dataset} / {label}**{self.where(sweep, dataset)} — validation ({len(vals)} seeds)', '',
                   '| sampler | ensemble | fusion | NFE | val Dice % (mean over seeds) | seeds | s/image | chosen |',
                   '|---|---:|---|---:|---:|---:|---:|---|']
         lines += [f"| {s['sampler']} | {s['ensemble_size']} | {s['fusion']} | {s['nfe']} | {_pct(s['dice'])} | "
                   f"{s['seeds']} | {_num(s['seconds'], '.3f')} | {'✓' if s['label'] in tests else ''} |"
                   for s in settings]
-        seg = self.arm(dataset, SEGMENTER)
+        seg = self.arm(dataset, SEGMENTER, sweep)
         names = {f'{arm}@{name}': f'{label}, {name} (test)' for name in tests}
         arms = {**{f'{arm}@{n}': scores(r) for n, r in tests.items()}, SEGMENTER: scores(seg)}
         phase0 = {f'{arm}@{n}': own_phase0(r) for n, r in tests.items()}
@@ -640,7 +663,8 @@ class Report:
         if rows:
           lines += CMP_HEADER + [cmp_row(r, labels) for r in rows] + ['']
           lines += band_table({a: arms[a] for a in names}, phase0, labels, self.n)
-          self.finding(f'{sweep.name} / {dataset} (chosen setting, test)', sweep, rows, labels, reference=SEGMENTER)
+          self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)} (chosen setting, test)', sweep, rows,
+                       labels, reference=SEGMENTER)
         path = self.png(f'budget_{dataset}_{arm}.png')
         plot_budget(path, f'{dataset}: Dice vs time per image', settings, _segmenter_point(seg, phase0),
                     [(n, *_point(t)) for n, t in tests.items()])
@@ -651,18 +675,19 @@ class Report:
     """The sweep's arms compared with each other, each at the setting its own validation runs chose."""
     lines, labels = [f"### {sweep.name}: each arm at its validation-chosen budget (test)", ''], self.labels(sweep)
     for dataset in sweep.datasets:
-      runs = {arm: {seed: run for _, per_seed in sorted(self.budget_runs(dataset, arm)[1].items())
+      runs = {arm: {seed: run for _, per_seed in sorted(self.budget_runs(dataset, arm, sweep)[1].items())
                     for seed, run in per_seed.items()} for _, arm in sweep.arms}
       if not any(runs.values()):
         lines += [f'{dataset}: _not run_', '']
         continue
-      runs[SEGMENTER] = self.arm(dataset, SEGMENTER)
+      runs[SEGMENTER] = self.arm(dataset, SEGMENTER, sweep)
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
                           {a: own_phase0(r) for a, r in runs.items()})
-      lines += [f'**{dataset}**', '', *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows
+      lines += [f'**{dataset}**{self.where(sweep, dataset)}', '', *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows
                                         else ['_no comparison possible_']), '']
       if rows:
-        self.finding(f'{sweep.name} / {dataset} (each at its chosen budget, test)', sweep, rows, labels)
+        self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)} (each at its chosen budget, test)',
+                     sweep, rows, labels)
     return lines
 
   def organs(self, sweep) -> list[str]:
@@ -677,7 +702,7 @@ class Report:
              '| dataset | model | seeds | n | Dice % | IoU % | HD95 px | miss % |', '|---|---|---:|---:|---:|---:|---:|---:|']
     for dataset in [d for d in sweep.datasets if d not in NOT_REAL]:
       for label, arm, from_unified in models:
-        path = os.path.join(self.results, 'unified' if from_unified else dataset, arm)
+        path = os.path.join(self.root(sweep, dataset), 'unified' if from_unified else dataset, arm)
         runs = {s: read_run(d, s, dataset, dataset if from_unified else None) for s, d in seed_dirs(path).items()}
         runs = {s: r for s, r in runs.items() if r is not None}
         if not runs:
@@ -788,14 +813,21 @@ def hardware(results: str) -> list[str]:
           for (device, hw), runs in sorted(groups.items())] or ['- no run.json found']
 
 
+CPU_REPLICATES = os.path.join('experiments', 'replicates', 'cpu')
+
+
 def build(results: str, out: str, sweeps: Mapping, *, n_resamples: int = 10_000, expected_seeds: int = 3,
-          command: str = 'python -m experiments.report', staleness: Staleness | None = None) -> str:
+          command: str = 'python -m experiments.report', staleness: Staleness | None = None,
+          fallbacks: Sequence[str] = ()) -> str:
   """The page's markdown (writing its PNGs next to `out`)."""
-  report = Report(results, out, sweeps, n_resamples, expected_seeds, staleness)
+  report = Report(results, out, sweeps, n_resamples, expected_seeds, staleness, fallbacks)
   body = [line for sweep in sweeps.values() for line in report.sweep_section(sweep)] + report.attention()
+  other = [line for root in report.used_fallbacks for line in (
+      f'Sections marked **[from `{root}`]** are read whole from that tree (where `{results}` has no run of '
+      'the sweep on that set; no table mixes the two); its hardware:', '', *hardware(root), '')]
   head = ['# Results', '', f'Generated by `{command}` on {datetime.date.today().isoformat()} at HEAD '
           f'`{report.stale.head()}` from `{results}`; '
-          'do not edit by hand.', '', '**Hardware** (from run.json):', '', *hardware(results), '',
+          'do not edit by hand.', '', '**Hardware** (from run.json):', '', *hardware(results), '', *other,
           HYGIENE.format(n=f'{n_resamples:,}'.replace(',', ' '), m=MARGIN), '',
           '⚠ marks an arm whose runs may not reflect HEAD (see the notes at the end); † an arm trained once as '
           'another arm that differs from it only in how it samples (its checkpoint, that arm\'s validation '
@@ -826,12 +858,18 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--results', default=os.path.join('experiments', 'results'))
   parser.add_argument('--out', default=os.path.join('docs', 'RESULTS.md'))
+  parser.add_argument('--fallback', default=None,
+                      help='comma-separated results trees read for a sweep and set that --results has not run '
+                           '(default: experiments/replicates/cpu with the default --results, else none)')
   parser.add_argument('--n_resamples', type=int, default=10_000)
   parser.add_argument('--seeds', type=int, default=3, help='seeds asked per arm (fewer found shows the count)')
   args = parser.parse_args(argv)
   from experiments.sweeps import SWEEPS  # pylint: disable=g-import-not-at-top
+  fallback = args.fallback if args.fallback is not None else (
+      CPU_REPLICATES if args.results == parser.get_default('results') else '')
   text = build(args.results, args.out, SWEEPS, n_resamples=args.n_resamples, expected_seeds=args.seeds,
-               command=' '.join(['python -m experiments.report', *argv]))
+               command=' '.join(['python -m experiments.report', *argv]),
+               fallbacks=[f for f in fallback.split(',') if f])
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     f.write(text)

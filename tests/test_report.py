@@ -520,3 +520,27 @@ def test_the_budget_plots_segmenter_is_the_tested_runs_own_phase0():
   assert report._segmenter_point(seg, {'x@ddim1_x1': own}) == pytest.approx((0.02, 0.75))  # pylint: disable=protected-access
   assert report._segmenter_point(seg, {'x@ddim1_x1': None}) == pytest.approx((0.02, 0.5))  # pylint: disable=protected-access
   assert report._segmenter_point({}, {'x@ddim1_x1': own}) is None  # pylint: disable=protected-access
+
+
+def test_a_sweep_and_set_the_main_tree_has_not_run_is_read_whole_from_a_fallback_tree(tmp_path):
+  main, cpu = str(tmp_path / 'main'), str(tmp_path / 'cpu')
+  write_offset_runs(main, {'segmenter': 0.0, 'three_stage': 0.05})  # kvasir_seg on the main tree
+  write_offset_runs(main, {'segmenter': 0.0}, dataset='busi')  # only a segmenter: no run of the sweep
+  write_offset_runs(cpu, {'segmenter': 0.0, 'three_stage': 0.01})  # kvasir_seg on the fallback: not used
+  write_offset_runs(cpu, {'segmenter': 0.0, 'eps_only': 0.02, 'three_stage': 0.04}, dataset='busi')
+  sweeps = {'targets': Sweep('targets', 'Targets?', (('eps only', 'eps_only'), ('three stages', 'three_stage')),
+                             'eps_only', ('kvasir_seg', 'busi'))}
+  text = report.build(main, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200, expected_seeds=2,
+                      fallbacks=[cpu])
+  kvasir = section(text, '### targets — kvasir_seg')
+  assert row(kvasir, 'three stages')[1] == '2' and row(kvasir, 'eps only')[1] == 'not run'
+  assert row(kvasir, 'three stages', 'segmenter')[5] == '+5.0'  # the main tree's offset, not the fallback's
+  busi = section(text, f'### targets — busi [from {cpu}]')
+  assert row(busi, 'three stages', 'eps only')[5] == '+2.0' and row(busi, 'eps only', 'segmenter')[5] == '+2.0'
+  assert f'Sections marked **[from `{cpu}`]**' in text
+  # the cross-set table pairs each set within its own tree: (+5 on kvasir_seg, +4 on busi) / 2
+  both = section(text, '### targets — all real sets (stratified by dataset)')
+  assert row(both, 'three stages', 'segmenter')[5] == '+4.5'
+  # without a fallback busi is not run
+  alone = report.build(main, str(tmp_path / 'ALONE.md'), sweeps, n_resamples=200)
+  assert section(alone, '### targets — busi')[2] == '_not run_' and '[from' not in alone
