@@ -525,7 +525,7 @@ class Report:
     self.png_dir = os.path.join(self.out_dir, 'results_png')
     self.stale = staleness or Staleness()
     self.findings: list[dict] = []  # title, claim, reference, labels, rows, not_run
-    self._arms: dict[tuple[str, str, bool], dict[int, Run]] = {}
+    self._arms: dict[tuple[str, str, str, bool], dict[int, Run]] = {}  # root, dataset, arm, from unified/
     self._budgets: dict[str, tuple[dict[int, dict], dict[str, dict[int, Run]]]] = {}
     self.computed: dict[tuple[str, str], list[dict]] = {}
 
@@ -625,8 +625,9 @@ class Report:
       path = self.png(f'convergence_{sweep.name}_{dataset}.png')
       plot_curves(path, f'{dataset}: validation Dice', {labels[a]: c for a, c in curves.items()}, target)
       reference = labels.get(sweep.reference, sweep.reference)
-      lines += [f'**{dataset}**{self.where(sweep, dataset)} — first step at which the seed-mean validation Dice reaches the final validation '
-                f'Dice of {reference} ' + (f'({_pct(target)} %)' if target is not None else '(no curve of it yet)'),
+      lines += [f'**{dataset}**{self.where(sweep, dataset)} — first step at which the seed-mean validation Dice '
+                f'reaches the final validation Dice of {reference} '
+                + (f'({_pct(target)} %)' if target is not None else '(no curve of it yet)'),
                 '',
                 '| arm | seeds with a curve | validated with | final val Dice % | first step reaching it |',
                 '|---|---:|---|---:|---:|']
@@ -683,8 +684,8 @@ class Report:
       runs[SEGMENTER] = self.arm(dataset, SEGMENTER, sweep)
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
                           {a: own_phase0(r) for a, r in runs.items()})
-      lines += [f'**{dataset}**{self.where(sweep, dataset)}', '', *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows
-                                        else ['_no comparison possible_']), '']
+      lines += [f'**{dataset}**{self.where(sweep, dataset)}', '',
+                *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']), '']
       if rows:
         self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)} (each at its chosen budget, test)',
                      sweep, rows, labels)
