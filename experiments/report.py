@@ -413,6 +413,11 @@ def _num(x, fmt: str = '.1f') -> str:
   return '–' if x is None or not np.isfinite(x) else format(x, fmt)
 
 
+def _seconds(x) -> str:
+  """Seconds per image to two significant digits: an accelerator's 0.0004 must not read as 0.000."""
+  return _num(x, '.2g')
+
+
 def _p(p: float) -> str:
   return '<0.001' if p < 0.001 else f'{p:.3f}'
 
@@ -454,7 +459,7 @@ def arm_row(label: str, runs: Mapping[int, Run], expected: int, mark: str) -> st
            f'{_pct(np.mean(dice))} ({_pct(min(dice))}–{_pct(max(dice))})',
            _pct(_mean([b.get('iou') for b in blocks])), _num(_mean([b.get('hd95') for b in blocks])),
            _pct(stats.failure_rate(_seed_mean(runs))), _pct(_mean([_miss(r) for r in runs.values()])),
-           '/'.join(nfe) or '–', _num(_mean([r.summary.get('seconds_per_image') for r in runs.values()]), '.3f'),
+           '/'.join(nfe) or '–', _seconds(_mean([r.summary.get('seconds_per_image') for r in runs.values()])),
            ', '.join(devices), _num(wall)]
   return '| ' + ' | '.join(cells) + ' |'
 
@@ -652,7 +657,7 @@ class Report:
                   '| sampler | ensemble | fusion | NFE | val Dice % (mean over seeds) | seeds | s/image | chosen |',
                   '|---|---:|---|---:|---:|---:|---:|---|']
         lines += [f"| {s['sampler']} | {s['ensemble_size']} | {s['fusion']} | {s['nfe']} | {_pct(s['dice'])} | "
-                  f"{s['seeds']} | {_num(s['seconds'], '.3f')} | {'✓' if s['label'] in tests else ''} |"
+                  f"{s['seeds']} | {_seconds(s['seconds'])} | {'✓' if s['label'] in tests else ''} |"
                   for s in settings]
         seg = self.arm(dataset, SEGMENTER, sweep)
         names = {f'{arm}@{name}': f'{label}, {name} (test)' for name in tests}

@@ -146,7 +146,7 @@ def test_arm_mean_over_seeds_matches_hand_computation(tree):
   cells = row(lines, 'eps only')
   assert cells[1] == '3' and cells[2] == str(CASES)
   assert cells[3] == f'{np.mean(per_seed):.1f} ({min(per_seed):.1f}–{max(per_seed):.1f})'
-  assert cells[9] == '0.020' and cells[11] == f'{np.mean([1, 2, 3]):.1f}'  # s/image, wall minutes
+  assert cells[9] == '0.02' and cells[11] == f'{np.mean([1, 2, 3]):.1f}'  # s/image, wall minutes
 
 
 def test_constant_difference_collapses_and_is_better(tree):
