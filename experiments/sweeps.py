@@ -202,7 +202,7 @@ SWEEPS = {
                       ('default from scratch (no phase 0, its steps added to phase 1)', 'default_scratch'),
                       ('full-rate encoder, half its training at t >= 900', 'lr1_high_t'),
                       ('from scratch, half its training at t >= 900', 'scratch_high_t')),
-                     'segmenter_long', _DECIDE, also_vs=('default', 'default_long_phase0')),
+                     'segmenter_long', _DECIDE, also_vs=('default', 'default_long_phase0', 'default_encoder_lr1')),
     'budget': Sweep('budget', 'Which sampler, NFE and ensemble size (chosen on validation)?',
                     (('default config', 'default'), ('three stages (earlier default)', 'three_stage_anchored'),
                      ('anchored (all, fine-tuned)', 'anchored')), 'segmenter',
