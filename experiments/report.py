@@ -525,7 +525,7 @@ class Report:
     # Other results trees (e.g. the CPU replicates): a sweep's section for a dataset where `results` has none of
     # its arms is read whole from the first of these that has one; no table mixes two trees.
     self.fallbacks = [f for f in fallbacks if os.path.abspath(f) != os.path.abspath(results)]
-    self.used_fallbacks: list[str] = []
+    self._roots: dict[tuple[str, str], str] = {}  # (sweep, dataset) -> the tree its section is read from
     self.out_dir = os.path.dirname(os.path.abspath(out))
     self.png_dir = os.path.join(self.out_dir, 'results_png')
     self.stale = staleness or Staleness()
@@ -536,14 +536,20 @@ class Report:
 
   def root(self, sweep, dataset: str) -> str:
     """The results tree a sweep's section for `dataset` is read from: `results` if it has a run of one of the
-    sweep's arms there, else the first fallback that does (else `results`)."""
-    arms = [arm for _, arm in sweep.arms if arm != SEGMENTER] if sweep is not None else []
-    for root in [self.results, *self.fallbacks] if arms else []:
-      if any(seed_dirs(os.path.join(root, dataset, arm)) for arm in arms):
-        if root != self.results and root not in self.used_fallbacks:
-          self.used_fallbacks.append(root)
-        return root
-    return self.results
+    sweep's arms there, else the first fallback that does (else `results`); looked up once per section."""
+    if sweep is None:
+      return self.results
+    if (sweep.name, dataset) not in self._roots:
+      arms = [arm for _, arm in sweep.arms if arm != SEGMENTER]
+      self._roots[sweep.name, dataset] = next(
+          (root for root in [self.results, *self.fallbacks]
+           if any(seed_dirs(os.path.join(root, dataset, arm)) for arm in arms)), self.results)
+    return self._roots[sweep.name, dataset]
+
+  @property
+  def used_fallbacks(self) -> list[str]:
+    """The fallback trees some section was read from, in the order first used."""
+    return [root for root in dict.fromkeys(self._roots.values()) if root != self.results]
 
   def arm(self, dataset: str, arm: str, sweep=None) -> dict[int, Run]:
     """A unified sweep's arms other than its reference come from `unified/` where a dataset lacks them."""

@@ -71,6 +71,7 @@ _ANCHOR = ('--config.pretrain.coarse_logits=True', '--config.model.self_conditio
 _DDIM2 = '--config.sampling.ddim_steps=2'  # with the default's sampler (ddim)
 _HIGH_T = (_stages('900:1000 x0 loss=bce_dice steps=1; 0:900 x0 loss=bce_dice steps=9'),
            '--config.diffusion.timestep_sampling=balanced')  # x0_high_t, below
+_LR1 = '--config.pretrain.finetune_lr_multiplier=1.0'  # the pre-trained encoder at the full rate, not 0.1x
 _PLAIN = ('plain', 'three_stage')  # the method before the anchored default (configs/default.py)
 
 
@@ -99,7 +100,7 @@ ARMS = {
     'default_frozen': Arm(('frozen',)),
     # the default fine-tunes its pre-trained encoder at 0.1x the learning rate; here at the full rate (on
     # synthetic the scratch arm, encoder and denoiser trained together at the full rate, beat the default)
-    'default_encoder_lr1': Arm(overrides=('--config.pretrain.finetune_lr_multiplier=1.0',)),
+    'default_encoder_lr1': Arm(overrides=(_LR1,)),
     # method (issue: make the diffusion model earn its place), one change at a time from the plain method,
     # then together; `anchored` is the bundle with the staged sampler, as it was measured before it became
     # the default.
@@ -129,7 +130,7 @@ ARMS = {
     'x0_high_t': Arm(overrides=_HIGH_T),
     # the x0_high_t training on the two encoders that tied the long segmenter on synthetic: the full-rate
     # fine-tuned encoder, and no phase 0 at all (encoder and denoiser trained together for phase 0 + 1 steps)
-    'lr1_high_t': Arm(overrides=('--config.pretrain.finetune_lr_multiplier=1.0',) + _HIGH_T),
+    'lr1_high_t': Arm(overrides=(_LR1,) + _HIGH_T),
     'scratch_high_t': Arm(('scratch',), _HIGH_T, shared_phase0=False),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
