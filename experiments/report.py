@@ -205,6 +205,21 @@ def band_table(arms: Mapping[str, stats.Arm], phase0: Mapping[str, stats.Arm | N
           *BAND_HEADER, *lines, '']
 
 
+def run_devices(runs: Mapping[int, Run]) -> frozenset[str]:
+  """The devices an arm's runs ran on (run.json, else summary.json)."""
+  return frozenset(str(r.record.get('device') or r.summary.get('device', '?')) for r in runs.values())
+
+
+def mark_cross_device(rows: list[dict], devices: Mapping[str, Mapping[str, frozenset[str]]],
+                      phase0: Mapping[str, stats.Arm | None]) -> None:
+  """Sets row['cross_device'] where, on a dataset both arms ran, they ran on different devices ({arm: {dataset:
+  devices}}); an arm met with its own phase 0 shares its machine."""
+  for row in rows:
+    a, b = devices.get(row['a'], {}), devices.get(row['b'], {})
+    own = row['b'] == SEGMENTER and phase0.get(row['a'])
+    row['cross_device'] = not own and any(a[d] != b[d] for d in set(a) & set(b) if a[d] and b[d])
+
+
 def sweep_pairs(sweep) -> list[tuple[str, str]]:
   """Every arm against the sweep's reference, then against its `also_vs` arms, then against the segmenter; each
   unordered pair once, in the first of these roles."""
@@ -452,7 +467,7 @@ def arm_row(label: str, runs: Mapping[int, Run], expected: int, mark: str) -> st
   blocks, dice = [r.block() for r in runs.values()], [r.dice() for r in runs.values()]
   seeds = str(len(runs)) if len(runs) >= expected else f'{len(runs)} of {expected}'
   nfe = sorted({str(r.summary['nfe_per_image']) for r in runs.values() if 'nfe_per_image' in r.summary})
-  devices = sorted({str(r.record.get('device') or r.summary.get('device', '?')) for r in runs.values()})
+  devices = sorted(run_devices(runs))
   wall = _mean([(r.record['wall_seconds'] + r.record.get('training_wall_seconds', 0)) / 60 for r in runs.values()
                 if r.record.get('wall_seconds') is not None])
   cells = [label + mark, seeds, str(len(_seed_mean(runs))),
@@ -466,7 +481,8 @@ def arm_row(label: str, runs: Mapping[int, Run], expected: int, mark: str) -> st
 
 def cmp_row(row: dict, labels: Mapping[str, str]) -> str:
   seeds = ', '.join(f's{s} {d:+.1f}' for s, d in row['seed_diffs'].items()) or '(no shared seed)'
-  cells = [labels.get(row['a'], row['a']), labels.get(row['b'], row['b']), str(row['n']), f"{row['mean_a']:.1f}",
+  vs = labels.get(row['b'], row['b']) + (' ‡' if row.get('cross_device') else '')
+  cells = [labels.get(row['a'], row['a']), vs, str(row['n']), f"{row['mean_a']:.1f}",
            f"{row['mean_b']:.1f}", f"{row['diff']:+.1f}", f"[{row['ci95'][0]:+.1f}, {row['ci95'][1]:+.1f}]",
            _p(row['p_wilcoxon']), _p(row['p_holm']), seeds, f"**{row['verdict']}**"]
   return '| ' + ' | '.join(cells) + ' |'
@@ -604,6 +620,7 @@ class Report:
                                      self.stale.mark(f'{dataset}/{a}', runs[a], sources)) for a in shown] + ['']
       phase0 = {a: own_phase0(r) for a, r in runs.items()}
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0)
+      mark_cross_device(rows, {a: {dataset: run_devices(r)} for a, r in runs.items()}, phase0)
       self.computed[sweep.name, dataset] = rows
       self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)}', sweep, rows, labels,
                    [labels[a] for a in shown if not runs[a]])
@@ -614,6 +631,7 @@ class Report:
     combined = {a: combine({d: self.arm(d, a, sweep) for d in real}) for a in names}
     phase0 = {a: combine({d: self.arm(d, a, sweep) for d in real}, phase0=True) for a in names}
     rows = compare_rows(combined, sweep_pairs(sweep), self.n, phase0)
+    mark_cross_device(rows, {a: {d: run_devices(self.arm(d, a, sweep)) for d in real} for a in names}, phase0)
     if rows:
       self.computed[sweep.name, ALL_REAL] = rows
       self.finding(f'{sweep.name} / {ALL_REAL}', sweep, rows, labels)
@@ -735,7 +753,8 @@ class Report:
     for dataset in [d for d in sweep.datasets if d not in NOT_REAL] + [ALL_REAL]:
       rows = [r for r in self.computed.get((sweep.name, dataset), [])
               if r['b'] in references and _unified_arm(r['a'])]
-      lines += [f"| {dataset} | {labels[r['a']]} | {labels[r['b']]} | {r['mean_a']:.1f} | {r['mean_b']:.1f} | "
+      lines += [f"| {dataset} | {labels[r['a']]} | {labels[r['b']]}{' ‡' if r.get('cross_device') else ''} | "
+                f"{r['mean_a']:.1f} | {r['mean_b']:.1f} | "
                 f"{r['diff']:+.1f} | [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | **{r['verdict']}** |" for r in rows]
       if not rows:
         lines.append(f'| {dataset} | not run | – | – | – | – | – | – |')
@@ -768,7 +787,8 @@ class Report:
         vs = [r for r in rows if r['b'] == target]
         if not vs:
           continue
-        groups = {v: [f"{labels.get(r['a'], r['a'])} ({r['diff']:+.1f})" for r in vs if r['verdict'] == v]
+        groups = {v: [f"{labels.get(r['a'], r['a'])} ({r['diff']:+.1f}{' ‡' if r.get('cross_device') else ''})"
+                      for r in vs if r['verdict'] == v]
                   for v in ('better', 'worse', 'no difference', 'undecided')}
         said = '; '.join(f"{v}: {', '.join(g)}" for v, g in groups.items() if g)
         parts.append(f"vs {labels.get(target, target)} — {said}")
@@ -843,7 +863,10 @@ def build(results: str, out: str, sweeps: Mapping, *, n_resamples: int = 10_000,
           HYGIENE.format(n=f'{n_resamples:,}'.replace(',', ' '), m=MARGIN), '',
           '⚠ marks an arm whose runs may not reflect HEAD (see the notes at the end); † an arm trained once as '
           'another arm that differs from it only in how it samples (its checkpoint, that arm\'s validation '
-          'choice, evaluated with its own sampler; notes at the end).', '']
+          'choice, evaluated with its own sampler; notes at the end); ‡ after the "vs" arm a comparison of '
+          'arms that ran on different devices (each with its own phase 0; the difference between machines adds '
+          'to the spread between seeds: the same config and seed rerun on another day moved per-dataset Dice by '
+          '0.6-1.4 points).', '']
   notes = ['## Staleness notes', '', *[f'[^{i}]: {where} — {why}' for i, (where, why) in
                                        enumerate(report.stale.notes.items(), 1)], ''] if report.stale.notes else []
   shared = ['## Shared training notes', '', *[f'[^s{i}]: {where} — {why}' for i, (where, why) in

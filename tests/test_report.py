@@ -93,6 +93,15 @@ def write_run(results, dataset, arm, seed, dice, curve=None, commit=None, second
   return directory
 
 
+def set_device(directory: str, device: str) -> None:
+  """Rewrites the device the run in `directory` records."""
+  path = os.path.join(directory, 'run.json')
+  with open(path) as f:
+    record = json.load(f)
+  with open(path, 'w') as f:
+    json.dump({**record, 'device': device}, f)
+
+
 @pytest.fixture(scope='module')
 def tree(tmp_path_factory):
   results = str(tmp_path_factory.mktemp('results'))
@@ -306,6 +315,53 @@ def test_vs_segmenter_pairs_each_run_with_its_own_phase0(tmp_path):
   assert row(section(text, '### targets — kvasir_seg'), 'eps only', 'segmenter')[4] == f'{100 * (kvasir - 0.03):.1f}'
   budget = row(section(text, '### Budget (budget): chosen on validation, tested once'), 'default config, ddim1_x1')
   assert budget[5] == '+4.0', budget
+
+
+def test_comparisons_of_arms_run_on_different_devices_are_marked(tmp_path):
+  """x0_only ran on another device than eps_only and the segmenter: its rows against them carry the mark, in the
+  table and the plain reading; eps_only against the segmenter (same device) and, once x0_only recorded its own
+  phase 0, x0_only against it do not."""
+  results = str(tmp_path / 'results')
+  dirs = write_offset_runs(results, {'segmenter': -0.1, 'eps_only': 0.0, 'x0_only': 0.03})
+  for seed in range(2):
+    set_device(dirs['x0_only', seed], 'NVIDIA H200')
+  sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('x0 only', 'x0_only')), 'eps_only',
+                             ('kvasir_seg',))}
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  lines = section(text, '### targets — kvasir_seg')
+  assert row(lines, 'x0 only', 'eps only ‡')[5] == '+3.0'
+  assert row(lines, 'x0 only', 'segmenter (phase 0) ‡')[5] == '+13.0'
+  assert row(lines, 'eps only', 'segmenter (phase 0)')[1] == 'segmenter (phase 0)'
+  reading = next(line for line in text.splitlines() if line.startswith('- **targets / kvasir_seg**'))
+  assert 'x0 only (+3.0 ‡)' in reading and 'eps only (+10.0)' in reading, reading
+  assert '‡ after the "vs" arm' in text
+  for seed in range(2):  # its own phase 0, on its own device: 2 points below it
+    own = os.path.join(str(tmp_path), 'own', str(seed))
+    _write_eval(own, 'kvasir_seg', base_dice('kvasir_seg', seed) + 0.01)
+    os.replace(os.path.join(own, 'per_case.csv'), os.path.join(dirs['x0_only', seed], report.PHASE0_CASES))
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  cells = row(section(text, '### targets — kvasir_seg'), 'x0 only', 'segmenter')
+  assert cells[1] == 'segmenter (phase 0)' and cells[5] == '+2.0', cells
+
+
+def test_a_cross_dataset_comparison_is_marked_only_where_a_shared_dataset_ran_on_two_devices(tmp_path):
+  """Pooled over two sets: x0_only differs from eps_only's device on kvasir_seg only (marked); v_only ran on
+  another device only on a set eps_only did not run (not marked)."""
+  results = str(tmp_path / 'results')
+  for dataset in DATASETS:
+    dirs = write_offset_runs(results, {'eps_only': 0.0, 'x0_only': 0.03, 'v_only': 0.01}, dataset=dataset)
+    for seed in range(2):
+      if dataset == 'kvasir_seg':
+        set_device(dirs['x0_only', seed], 'NVIDIA H200')
+  for seed in range(2):
+    set_device(write_run(results, 'ph2', 'v_only', seed, base_dice('kvasir_seg', seed)), 'NVIDIA H200')
+  sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('x0 only', 'x0_only'),
+                                                    ('v only', 'v_only')), 'eps_only', (*DATASETS, 'ph2'))}
+  text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  pooled = section(text, '### targets — all real sets (stratified by dataset)')
+  assert row(pooled, 'x0 only', 'eps only ‡')[5] == '+3.0'
+  assert row(pooled, 'v only', 'eps only')[1] == 'eps only'
+  assert row(section(text, '### targets — busi'), 'x0 only', 'eps only')[1] == 'eps only'
 
 
 def test_difference_to_own_phase0_is_broken_down_by_the_phase0_dice_band(tmp_path):
