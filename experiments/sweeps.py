@@ -134,6 +134,8 @@ ARMS = {
     'scratch_high_t': Arm(('scratch',), _HIGH_T, shared_phase0=False),
     # unified: one default model over the five real sets, at the steps of one per-dataset model and at their sum.
     'unified_equal_steps': Arm(only_dataset='unified'),
+    # the same with the plain method (three stages, frozen encoder): the unified run before the anchored default
+    'unified_equal_steps_plain': Arm(_PLAIN, only_dataset='unified'),
     'unified_equal_compute': Arm(shared_phase0=False, steps_scale=len(UNIFIED_MEMBERS), only_dataset='unified'),
     # the other way to equal total compute: one default model per dataset at a fifth of the steps (phase 0 and
     # phase 1, its own phase 0), so the five cost what `unified_equal_steps` costs: affordable where x5 is not
@@ -184,13 +186,15 @@ SWEEPS = {
     # The per-dataset model is the default configuration: the `default` arm, which the other sweeps also run;
     # the plain method's per-dataset runs (the default before 2026-11-27) stay beside it.
     # Equal total compute two ways: the unified model at 5x the steps against the per-dataset models, or the
-    # unified model at the profile's steps against per-dataset models at 1/5 of them (`also_vs`).
+    # unified model at the profile's steps against per-dataset models at 1/5 of them (`also_vs`); the plain
+    # method's unified run against the plain per-dataset models.
     'unified': Sweep('unified', 'Does one unified model serve five organs as well as one model per organ?',
                      (('per-dataset model', 'default'), ('per-dataset model, plain method', 'three_stage'),
                       ('per-dataset model, 1/5 of the steps', 'default_fifth_steps'),
                       ('unified, equal steps', 'unified_equal_steps'),
+                      ('unified, equal steps, plain method', 'unified_equal_steps_plain'),
                       ('unified, equal total compute', 'unified_equal_compute')), 'default',
-                     UNIFIED_MEMBERS + ('unified',), also_vs=('default_fifth_steps',)),
+                     UNIFIED_MEMBERS + ('unified',), also_vs=('default_fifth_steps', 'three_stage')),
     'control': Sweep('control', 'Is the default\'s gain over its own segmenter more than extra training? (a '
                      'segmenter trained for phase 0 + phase 1 steps, equal gradient steps)',
                      (('segmenter, phase 0 + 1 steps', 'segmenter_long'),

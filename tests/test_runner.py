@@ -138,6 +138,8 @@ def test_unified_arms_run_only_on_the_unified_data():
   assert 'unified/default/seed0' not in keys and 'kvasir_seg/unified_equal_steps/seed0' not in keys
   assert 'unified/default_fifth_steps/seed0' not in keys
   by_key = {t.key: t.command for t in tasks}
+  plain = next(c for c in by_key['unified/unified_equal_steps_plain/seed0'] if c.startswith('--config='))
+  assert plain == '--config=configs/unified.py:cpu,plain,three_stage', plain  # the unified run of the plain method
 
   def steps(key):  # the last num_steps flag of each phase wins (absl)
     return tuple(int([c for c in by_key[key] if c.startswith(f'--config.{p}.num_steps=')][-1].split('=')[1])
