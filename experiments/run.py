@@ -310,11 +310,13 @@ PHASE0_CASES = 'phase0_per_case.csv'
 
 
 def phase0_cases(task: Task) -> str | None:
-  """The per_case.csv of the phase-0 run a phase-1 task loaded (--config.pretrain.checkpoint), if present."""
-  flag = '--config.pretrain.checkpoint='
-  dirs = [c[len(flag):] for c in task.command if c.startswith(flag)]
-  if task.kind not in ('train', 'shared_eval') or not dirs:
+  """The per_case.csv of the phase-0 run a phase-1 task loaded (--config.pretrain.checkpoint), or, without
+  one, of the phase 0 it trained itself in its workdir (an arm with a phase 0 of its own, e.g. a fifth of the
+  steps); None if absent (no phase 0: scratch)."""
+  if task.kind not in ('train', 'shared_eval'):
     return None
+  flag = '--config.pretrain.checkpoint='
+  dirs = [c[len(flag):] for c in task.command if c.startswith(flag)] or [task.workdir]
   path = os.path.join(dirs[-1], 'pretrain', 'eval', 'test', 'per_case.csv')
   return path if os.path.exists(path) else None
 

@@ -37,6 +37,10 @@ FAKE_MAIN = textwrap.dedent('''
       write(os.path.join(workdir, 'pretrain', 'eval', 'test'), 'pretrain/')
       os.makedirs(os.path.join(workdir, 'pretrain', 'checkpoints'), exist_ok=True)
     elif mode == 'train':
+      if '--config.pretrain.checkpoint' not in args and 'scratch' not in args['--config']:
+        dice -= 0.05  # the phase 0 main.py trains first in its workdir (no shared one, not scratch)
+        write(os.path.join(workdir, 'pretrain', 'eval', 'test'), 'pretrain/')
+        dice += 0.05
       write(os.path.join(workdir, 'eval', 'test'), '')
       os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)
     elif mode == 'sweep':
@@ -153,6 +157,23 @@ def test_unified_arms_run_only_on_the_unified_data():
                 if c.startswith('--config.pretrain.checkpoint=')]  # a phase 0 of its own, a fifth as long
   assert not [c for c in by_key['unified/unified_equal_steps/seed0'] if c.startswith('--config.train.num_steps=')]
 
+
+
+def test_an_arm_with_a_phase0_of_its_own_keeps_that_phase0s_test_rows(fake):
+  """default_fifth_steps trains its own (shorter) phase 0 in its workdir: its results keep that segmenter's test
+  rows as its own phase 0, not the shared one's; a scratch arm (no phase 0) keeps none."""
+  make, tmp_path = fake
+  keep = ('kvasir_seg/default_fifth_steps/seed0', 'kvasir_seg/default_scratch/seed0')
+  tasks = [t for t in make(['unified', 'encoder'], seeds=(0,), datasets=('kvasir_seg',)) if t.key in keep]
+  assert sorted(t.key for t in tasks) == sorted(keep)
+  assert run_lib.Runner(tasks, 1, None, 'test').run() == 0
+  results = tmp_path / 'results' / 'kvasir_seg'
+  own = (results / 'default_fifth_steps' / 'seed0' / run_lib.PHASE0_CASES).read_text()
+  assert own == (tmp_path / 'runs' / 'kvasir_seg' / 'default_fifth_steps' / 'seed0' / 'pretrain' / 'eval' / 'test'
+                 / 'per_case.csv').read_text()
+  assert own.splitlines()[1] == 'd,a,0.7'  # the fake phase 0's Dice (its phase 1 scores 0.75)
+  assert (results / 'default_scratch' / 'seed0' / 'per_case.csv').exists()
+  assert not (results / 'default_scratch' / 'seed0' / run_lib.PHASE0_CASES).exists()
 
 
 def test_an_arm_on_a_longer_phase0_trains_its_own_at_equal_total_steps(fake):
