@@ -147,10 +147,11 @@ def combine(per_dataset: Mapping[str, Mapping[int, Run]], phase0: bool = False) 
 
 
 def compare_rows(arms: Mapping[str, stats.Arm], pairs, n_resamples: int,
-                 phase0: Mapping[str, stats.Arm | None] | None = None) -> list[dict]:
-  """stats.compare rows (+ 'a', 'b', 'p_holm' within these rows) for the pairs whose arms both have data.
-  An arm compared with SEGMENTER meets its own phase 0 where `phase0` has it (the segmenter it started
-  from), else the segmenter arm's runs."""
+                 phase0: Mapping[str, stats.Arm | None] | None = None,
+                 devices: Mapping[str, Mapping[str, frozenset[str]]] | None = None) -> list[dict]:
+  """stats.compare rows (+ 'a', 'b', 'p_holm' within these rows, and 'cross_device' given `devices`, see
+  mark_cross_device) for the pairs whose arms both have data. An arm compared with SEGMENTER meets its own
+  phase 0 where `phase0` has it (the segmenter it started from), else the segmenter arm's runs."""
   rows = []
   for a, b in dict.fromkeys(pairs):
     reference = (phase0 or {}).get(a) if b == SEGMENTER else None
@@ -163,6 +164,7 @@ def compare_rows(arms: Mapping[str, stats.Arm], pairs, n_resamples: int,
         pass
   for row, p in zip(rows, stats.holm([r['p_wilcoxon'] for r in rows])):
     row['p_holm'] = float(p)
+  mark_cross_device(rows, devices or {}, phase0 or {})
   return rows
 
 
@@ -619,8 +621,8 @@ class Report:
       lines += ARM_HEADER + [arm_row(labels[a], runs[a], self.expected,
                                      self.stale.mark(f'{dataset}/{a}', runs[a], sources)) for a in shown] + ['']
       phase0 = {a: own_phase0(r) for a, r in runs.items()}
-      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0)
-      mark_cross_device(rows, {a: {dataset: run_devices(r)} for a, r in runs.items()}, phase0)
+      rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0,
+                          {a: {dataset: run_devices(r)} for a, r in runs.items()})
       self.computed[sweep.name, dataset] = rows
       self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)}', sweep, rows, labels,
                    [labels[a] for a in shown if not runs[a]])
@@ -630,8 +632,8 @@ class Report:
     real = [d for d in sweep.datasets if d not in NOT_REAL]
     combined = {a: combine({d: self.arm(d, a, sweep) for d in real}) for a in names}
     phase0 = {a: combine({d: self.arm(d, a, sweep) for d in real}, phase0=True) for a in names}
-    rows = compare_rows(combined, sweep_pairs(sweep), self.n, phase0)
-    mark_cross_device(rows, {a: {d: run_devices(self.arm(d, a, sweep)) for d in real} for a in names}, phase0)
+    rows = compare_rows(combined, sweep_pairs(sweep), self.n, phase0,
+                        {a: {d: run_devices(self.arm(d, a, sweep)) for d in real} for a in names})
     if rows:
       self.computed[sweep.name, ALL_REAL] = rows
       self.finding(f'{sweep.name} / {ALL_REAL}', sweep, rows, labels)
@@ -687,7 +689,9 @@ class Report:
         names = {f'{arm}@{name}': f'{label}, {name} (test)' for name in tests}
         arms = {**{f'{arm}@{n}': scores(r) for n, r in tests.items()}, SEGMENTER: scores(seg)}
         phase0 = {f'{arm}@{n}': own_phase0(r) for n, r in tests.items()}
-        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n, phase0)
+        rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n, phase0,
+                            {**{f'{arm}@{n}': {dataset: run_devices(r)} for n, r in tests.items()},
+                             SEGMENTER: {dataset: run_devices(seg)}})
         labels = {**names, SEGMENTER: 'segmenter (phase 0)'}
         lines += ['', f"Chosen: {', '.join(tests) or '_none tested yet_'}", '']
         if rows:
@@ -712,7 +716,8 @@ class Report:
         continue
       runs[SEGMENTER] = self.arm(dataset, SEGMENTER, sweep)
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
-                          {a: own_phase0(r) for a, r in runs.items()})
+                          {a: own_phase0(r) for a, r in runs.items()},
+                          {a: {dataset: run_devices(r)} for a, r in runs.items()})
       lines += [f'**{dataset}**{self.where(sweep, dataset)}', '',
                 *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']), '']
       if rows:

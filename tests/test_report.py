@@ -325,15 +325,32 @@ def test_comparisons_of_arms_run_on_different_devices_are_marked(tmp_path):
   dirs = write_offset_runs(results, {'segmenter': -0.1, 'eps_only': 0.0, 'x0_only': 0.03})
   for seed in range(2):
     set_device(dirs['x0_only', seed], 'NVIDIA H200')
+  for (arm, seed), directory in dirs.items():  # each arm's budget: one setting, tested on its own device
+    if arm != 'segmenter':
+      with open(os.path.join(directory, 'budget_val.json'), 'w') as f:
+        json.dump({'rows': [{'sampler': 'ddim:1', 'ensemble_size': 1, 'fusion': 'mean', 'nfe_per_image': 1,
+                             'dice': 0.7, 'seconds_per_image': 0.01}]}, f)
+      test = os.path.join(directory, 'budget_test', 'ddim1_x1')
+      _write_eval(test, 'kvasir_seg', base_dice('kvasir_seg', seed) + (0.04 if arm == 'x0_only' else 0.0))
+      with open(os.path.join(directory, 'run.json')) as f:
+        device = json.load(f)['device']
+      with open(os.path.join(test, 'summary.json')) as f:
+        summary = json.load(f)
+      with open(os.path.join(test, 'summary.json'), 'w') as f:
+        json.dump({**summary, 'device': device}, f)
   sweeps = {'targets': Sweep('targets', 'Staged?', (('eps only', 'eps_only'), ('x0 only', 'x0_only')), 'eps_only',
-                             ('kvasir_seg',))}
+                             ('kvasir_seg',), budget=True)}
   text = report.build(results, str(tmp_path / 'RESULTS.md'), sweeps, n_resamples=200)
+  chosen = section(text, '### targets: each arm at its validation-chosen budget (test)')
+  assert row(chosen, 'x0 only', 'eps only ‡')[5] == '+4.0'
   lines = section(text, '### targets — kvasir_seg')
   assert row(lines, 'x0 only', 'eps only ‡')[5] == '+3.0'
   assert row(lines, 'x0 only', 'segmenter (phase 0) ‡')[5] == '+13.0'
   assert row(lines, 'eps only', 'segmenter (phase 0)')[1] == 'segmenter (phase 0)'
   reading = next(line for line in text.splitlines() if line.startswith('- **targets / kvasir_seg**'))
   assert 'x0 only (+3.0 ‡)' in reading and 'eps only (+10.0)' in reading, reading
+  assert row(section(text, '### Budget (targets): chosen on validation, tested once'),
+             'x0 only, ddim1_x1 (test)', 'segmenter (phase 0) ‡')[5] == '+14.0'
   assert '‡ after the "vs" arm' in text
   for seed in range(2):  # its own phase 0, on its own device: 2 points below it
     own = os.path.join(str(tmp_path), 'own', str(seed))
