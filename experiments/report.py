@@ -869,8 +869,8 @@ def build(results: str, out: str, sweeps: Mapping, *, n_resamples: int = 10_000,
           '⚠ marks an arm whose runs may not reflect HEAD (see the notes at the end); † an arm trained once as '
           'another arm that differs from it only in how it samples (its checkpoint, that arm\'s validation '
           'choice, evaluated with its own sampler; notes at the end); ‡ after the "vs" arm a comparison of '
-          'arms that ran on different devices (the difference between machines adds to the spread between seeds: the same config and seed rerun on another day moved per-dataset Dice by '
-          '0.6-1.4 points).', '']
+          'arms that ran on different devices (the difference between machines adds to the spread between '
+          'seeds: the same config and seed rerun on another day moved per-dataset Dice by 0.6-1.4 points).', '']
   notes = ['## Staleness notes', '', *[f'[^{i}]: {where} — {why}' for i, (where, why) in
                                        enumerate(report.stale.notes.items(), 1)], ''] if report.stale.notes else []
   shared = ['## Shared training notes', '', *[f'[^s{i}]: {where} — {why}' for i, (where, why) in
