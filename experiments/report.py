@@ -212,6 +212,16 @@ def run_devices(runs: Mapping[int, Run]) -> frozenset[str]:
   return frozenset(str(r.record.get('device') or r.summary.get('device', '?')) for r in runs.values())
 
 
+def devices_on(dataset: str, runs: Mapping[str, Mapping[int, Run]]) -> dict[str, dict[str, frozenset[str]]]:
+  """{arm: {dataset: its devices}} for the arms' runs on one dataset (compare_rows' `devices`)."""
+  return {arm: {dataset: run_devices(r)} for arm, r in runs.items()}
+
+
+def device_mark(row: dict) -> str:
+  """' ‡' after the "vs" arm of a row whose two arms ran on different devices."""
+  return ' ‡' if row.get('cross_device') else ''
+
+
 def mark_cross_device(rows: list[dict], devices: Mapping[str, Mapping[str, frozenset[str]]],
                       phase0: Mapping[str, stats.Arm | None]) -> None:
   """Sets row['cross_device'] where, on a dataset both arms ran, they ran on different devices ({arm: {dataset:
@@ -483,7 +493,7 @@ def arm_row(label: str, runs: Mapping[int, Run], expected: int, mark: str) -> st
 
 def cmp_row(row: dict, labels: Mapping[str, str]) -> str:
   seeds = ', '.join(f's{s} {d:+.1f}' for s, d in row['seed_diffs'].items()) or '(no shared seed)'
-  vs = labels.get(row['b'], row['b']) + (' ‡' if row.get('cross_device') else '')
+  vs = labels.get(row['b'], row['b']) + device_mark(row)
   cells = [labels.get(row['a'], row['a']), vs, str(row['n']), f"{row['mean_a']:.1f}",
            f"{row['mean_b']:.1f}", f"{row['diff']:+.1f}", f"[{row['ci95'][0]:+.1f}, {row['ci95'][1]:+.1f}]",
            _p(row['p_wilcoxon']), _p(row['p_holm']), seeds, f"**{row['verdict']}**"]
@@ -622,7 +632,7 @@ class Report:
                                      self.stale.mark(f'{dataset}/{a}', runs[a], sources)) for a in shown] + ['']
       phase0 = {a: own_phase0(r) for a, r in runs.items()}
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n, phase0,
-                          {a: {dataset: run_devices(r)} for a, r in runs.items()})
+                          devices_on(dataset, runs))
       self.computed[sweep.name, dataset] = rows
       self.finding(f'{sweep.name} / {dataset}{self.where(sweep, dataset)}', sweep, rows, labels,
                    [labels[a] for a in shown if not runs[a]])
@@ -630,10 +640,11 @@ class Report:
       if sweep.name in BAND_SWEEPS:
         lines += band_table({a: scores(runs[a]) for a in shown}, phase0, labels, self.n)
     real = [d for d in sweep.datasets if d not in NOT_REAL]
-    combined = {a: combine({d: self.arm(d, a, sweep) for d in real}) for a in names}
-    phase0 = {a: combine({d: self.arm(d, a, sweep) for d in real}, phase0=True) for a in names}
+    per_dataset = {a: {d: self.arm(d, a, sweep) for d in real} for a in names}
+    combined = {a: combine(runs) for a, runs in per_dataset.items()}
+    phase0 = {a: combine(runs, phase0=True) for a, runs in per_dataset.items()}
     rows = compare_rows(combined, sweep_pairs(sweep), self.n, phase0,
-                        {a: {d: run_devices(self.arm(d, a, sweep)) for d in real} for a in names})
+                        {a: {d: run_devices(r) for d, r in runs.items()} for a, runs in per_dataset.items()})
     if rows:
       self.computed[sweep.name, ALL_REAL] = rows
       self.finding(f'{sweep.name} / {ALL_REAL}', sweep, rows, labels)
@@ -690,8 +701,7 @@ class Report:
         arms = {**{f'{arm}@{n}': scores(r) for n, r in tests.items()}, SEGMENTER: scores(seg)}
         phase0 = {f'{arm}@{n}': own_phase0(r) for n, r in tests.items()}
         rows = compare_rows(arms, [(a, SEGMENTER) for a in names], self.n, phase0,
-                            {**{f'{arm}@{n}': {dataset: run_devices(r)} for n, r in tests.items()},
-                             SEGMENTER: {dataset: run_devices(seg)}})
+                            devices_on(dataset, {**{f'{arm}@{n}': r for n, r in tests.items()}, SEGMENTER: seg}))
         labels = {**names, SEGMENTER: 'segmenter (phase 0)'}
         lines += ['', f"Chosen: {', '.join(tests) or '_none tested yet_'}", '']
         if rows:
@@ -716,8 +726,7 @@ class Report:
         continue
       runs[SEGMENTER] = self.arm(dataset, SEGMENTER, sweep)
       rows = compare_rows({a: scores(r) for a, r in runs.items()}, sweep_pairs(sweep), self.n,
-                          {a: own_phase0(r) for a, r in runs.items()},
-                          {a: {dataset: run_devices(r)} for a, r in runs.items()})
+                          {a: own_phase0(r) for a, r in runs.items()}, devices_on(dataset, runs))
       lines += [f'**{dataset}**{self.where(sweep, dataset)}', '',
                 *(CMP_HEADER + [cmp_row(r, labels) for r in rows] if rows else ['_no comparison possible_']), '']
       if rows:
@@ -758,7 +767,7 @@ class Report:
     for dataset in [d for d in sweep.datasets if d not in NOT_REAL] + [ALL_REAL]:
       rows = [r for r in self.computed.get((sweep.name, dataset), [])
               if r['b'] in references and _unified_arm(r['a'])]
-      lines += [f"| {dataset} | {labels[r['a']]} | {labels[r['b']]}{' ‡' if r.get('cross_device') else ''} | "
+      lines += [f"| {dataset} | {labels[r['a']]} | {labels[r['b']]}{device_mark(r)} | "
                 f"{r['mean_a']:.1f} | {r['mean_b']:.1f} | "
                 f"{r['diff']:+.1f} | [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | **{r['verdict']}** |" for r in rows]
       if not rows:
@@ -792,7 +801,7 @@ class Report:
         vs = [r for r in rows if r['b'] == target]
         if not vs:
           continue
-        groups = {v: [f"{labels.get(r['a'], r['a'])} ({r['diff']:+.1f}{' ‡' if r.get('cross_device') else ''})"
+        groups = {v: [f"{labels.get(r['a'], r['a'])} ({r['diff']:+.1f}{device_mark(r)})"
                       for r in vs if r['verdict'] == v]
                   for v in ('better', 'worse', 'no difference', 'undecided')}
         said = '; '.join(f"{v}: {', '.join(g)}" for v, g in groups.items() if g)
