@@ -259,7 +259,8 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
         key = f'{ds_name}/{arm_name}/seed{seed}'
         if key in tasks and tasks[key].kind != 'pretrain':  # chosen on the validation runs of every seed it runs
           vals = tuple(f'{ds_name}/{arm_name}/seed{s}/budget_val' for s in seeds_of(ds_name))
-          add(Task(key + '/budget_test', tasks[key].command, tasks[key].workdir, tasks[key].results, vals,
+          # and after its own run: a training retrained here for its checkpoint finishes before its test
+          add(Task(key + '/budget_test', tasks[key].command, tasks[key].workdir, tasks[key].results, (*vals, key),
                    kind='budget_test', shared=tasks[key].shared))
   for task in tasks.values():  # a shared arm's validation sweep writes where its source's does: one at a time
     if task.shared and task.kind == 'budget_val':
@@ -490,7 +491,7 @@ class Runner:
     started = time.time()
     command, label, out = task.command, None, None
     if task.kind == 'budget_test':
-      dirs = [self.by_key[d].results for d in task.deps]  # KeyError: a seed the plan left out
+      dirs = [self.by_key[d].results for d in task.deps if d.endswith('/budget_val')]  # KeyError: a seed the plan left out
       command, label, out = budget_test_command(task, choose_budget(dirs))
     elif task.kind == 'shared_eval':  # the source arm's checkpoint, this arm's sampling, the test split
       command = [*task.command[:2], '--mode=eval', f'--output={eval_dir(task)}', *task.command[2:]]
@@ -517,14 +518,32 @@ class Runner:
     state = 'done' if finished else f'stopped or failed (exit {code}; see {task.workdir}/log_{task.kind}.txt)'
     print(f'{task.key}: {state} in {minutes:.1f} min', flush=True)
 
+  def _retrain_missing_checkpoints(self) -> None:
+    """A finished training whose results came from elsewhere (another machine) and whose checkpoint is not
+    here is trained again, its results kept (keep_results), when a task still to run needs that checkpoint:
+    a task depending on it, or an evaluation of its workdir (a validation budget grid, a test at the chosen
+    budget, a shared arm's test). Repeated until nothing more is needed, so a retrained arm's phase 0 is
+    retrained too when its checkpoint is missing as well."""
+    trainings = {t.workdir: t.key for t in self.tasks if t.kind == 'train'}
+    while True:
+      needed = set()
+      for task in self.tasks:
+        if not task.done:
+          needed.update(task.deps)
+          if task.kind in ('budget_val', 'budget_test', 'shared_eval') and task.workdir in trainings:
+            needed.add(trainings[task.workdir])
+      missing = [t for t in self.tasks if t.kind in ('pretrain', 'train') and t.done and t.key in needed and
+                 not os.path.isdir(os.path.join(t.workdir, 'pretrain' if t.kind == 'pretrain' else '',
+                                                'checkpoints'))]
+      if not missing:
+        return
+      for task in missing:
+        task.done, task.keep_results = False, True
+
   def run(self) -> int:
     for task in self.tasks:
       task.done = _finished(task)
-    needed = {d for t in self.tasks if not t.done for d in t.deps}
-    for task in self.tasks:  # results from elsewhere (another machine) but no checkpoint here for a dependent
-      if task.kind in ('pretrain', 'train') and task.done and task.key in needed and not os.path.isdir(
-          os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'checkpoints')):
-        task.done, task.keep_results = False, True
+    self._retrain_missing_checkpoints()
     todo = sum(not t.done for t in self.tasks)
     print(f'{len(self.tasks)} tasks, {len(self.tasks) - todo} already finished, {todo} to run', flush=True)
     threads: list[threading.Thread] = []

@@ -276,6 +276,33 @@ def test_phase0_results_without_a_checkpoint_are_retrained_for_the_arms_but_kept
   assert own.read_text() == 'dataset,case_id,dice\nd,a,0.7\nd,b,0.7\n'  # the retrained phase 0 it loaded
 
 
+def test_an_evaluation_retrains_a_training_from_elsewhere_and_its_phase0_for_their_checkpoints(fake):
+  """Seed 0 trained and swept on validation on another machine (results, no workdirs here); seed 1 is new.
+  The test at the budget chosen over both seeds needs seed 0's checkpoint: its training retrains, and so does
+  the phase 0 that training loads, both keeping their results; seed 0's validation grid does not rerun."""
+  make, tmp_path = fake
+  pick = lambda seeds: [t for t in make(['targets'], seeds=seeds) if t.key.split('/')[1] in ('segmenter', 'eps_only')]
+  assert run_lib.Runner(pick((0,)), 1, None, 'test').run() == 0
+  results = tmp_path / 'results' / 'synthetic'
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'runs')  # another machine's workdirs
+  shutil.rmtree(results / 'eps_only' / 'seed0' / 'budget_test')  # its choice waited for seed 1
+  for name in ('summary.json', 'per_case.csv'):
+    (results / 'eps_only' / 'seed0' / name).write_text('elsewhere')
+  first = len(_calls(tmp_path))
+  tasks = pick((0, 1))
+  assert run_lib.Runner(tasks, 2, None, 'test').run() == 0
+  calls = _calls(tmp_path)[first:]
+  seed0 = [c.split()[0] for c in calls if '/seed0' in c]
+  assert seed0 == ['pretrain', 'train', 'eval']  # no second validation grid for seed 0
+  assert sorted(c.split()[0] for c in calls if '/seed1' in c) == ['eval', 'pretrain', 'sweep', 'train']
+  assert (results / 'eps_only' / 'seed0' / 'summary.json').read_text() == 'elsewhere'
+  assert os.listdir(results / 'eps_only' / 'seed0' / 'budget_test') == ['ddim5_x3']
+  train0 = next(i for i, c in enumerate(calls) if c.startswith('train ') and '/seed0' in c)
+  test0 = next(i for i, c in enumerate(calls) if c.startswith('eval ') and '/seed0' in c)
+  assert train0 < test0  # with two workers too, the test waited for the retrained checkpoint
+
+
 def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
   make, tmp_path = fake
   assert run_lib.Runner(make(['budget']), 1, None, 'test').run() == 0
@@ -324,7 +351,8 @@ def test_seed_limits_shape_the_budget_choice_and_every_test_evaluation_runs(fake
   for task in tasks:
     assert all(d in keys for d in task.deps), task.key
   test = next(t for t in tasks if t.key == 'kvasir_seg/default/seed0/budget_test')
-  assert test.deps == ('kvasir_seg/default/seed0/budget_val', 'kvasir_seg/default/seed1/budget_val')
+  assert test.deps == ('kvasir_seg/default/seed0/budget_val', 'kvasir_seg/default/seed1/budget_val',
+                       'kvasir_seg/default/seed0')
 
 
 def test_a_runner_error_fails_the_task_instead_of_hanging_the_sweep(fake):
