@@ -496,6 +496,8 @@ class Runner:
     elif task.kind == 'shared_eval':  # the source arm's checkpoint, this arm's sampling, the test split
       command = [*task.command[:2], '--mode=eval', f'--output={eval_dir(task)}', *task.command[2:]]
     os.makedirs(task.workdir, exist_ok=True)
+    why = ', retrained for its checkpoint (results kept)' if task.keep_results else ''
+    print(f'{task.key}: started ({task.kind}{why}); log {task.workdir}/log_{task.kind}.txt', flush=True)
     with open(os.path.join(task.workdir, f'log_{task.kind}.txt'), 'a') as log:
       process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
       with self.lock:
@@ -514,9 +516,10 @@ class Runner:
       collect(task, started, self.commit, self.hardware)
     with self.lock:
       task.done, task.failed = finished, not finished
+      count = sum(t.done for t in self.tasks)
     minutes = (time.time() - started) / 60
     state = 'done' if finished else f'stopped or failed (exit {code}; see {task.workdir}/log_{task.kind}.txt)'
-    print(f'{task.key}: {state} in {minutes:.1f} min', flush=True)
+    print(f'{task.key}: {state} in {minutes:.1f} min [{count} / {len(self.tasks)} tasks finished]', flush=True)
 
   def _retrain_missing_checkpoints(self) -> None:
     """A finished training whose results came from elsewhere (another machine) and whose checkpoint is not

@@ -276,7 +276,7 @@ def test_phase0_results_without_a_checkpoint_are_retrained_for_the_arms_but_kept
   assert own.read_text() == 'dataset,case_id,dice\nd,a,0.7\nd,b,0.7\n'  # the retrained phase 0 it loaded
 
 
-def test_an_evaluation_retrains_a_training_from_elsewhere_and_its_phase0_for_their_checkpoints(fake):
+def test_an_evaluation_retrains_a_training_from_elsewhere_and_its_phase0_for_their_checkpoints(fake, capsys):
   """Seed 0 trained and swept on validation on another machine (results, no workdirs here); seed 1 is new.
   The test at the budget chosen over both seeds needs seed 0's checkpoint: its training retrains, and so does
   the phase 0 that training loads, both keeping their results; seed 0's validation grid does not rerun."""
@@ -301,6 +301,10 @@ def test_an_evaluation_retrains_a_training_from_elsewhere_and_its_phase0_for_the
   train0 = next(i for i, c in enumerate(calls) if c.startswith('train ') and '/seed0' in c)
   test0 = next(i for i, c in enumerate(calls) if c.startswith('eval ') and '/seed0' in c)
   assert train0 < test0  # with two workers too, the test waited for the retrained checkpoint
+  out = capsys.readouterr().out  # the log says why a finished run trains again, and how far the sweep is
+  assert 'synthetic/eps_only/seed0: started (train, retrained for its checkpoint (results kept))' in out
+  assert 'synthetic/eps_only/seed1: started (train); log ' in out
+  assert f'[{len(tasks)} / {len(tasks)} tasks finished]' in out
 
 
 def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
