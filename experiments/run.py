@@ -445,6 +445,25 @@ def budget_test_command(task: Task, choice: dict) -> tuple[list[str], str, str]:
   return [*task.command[:2], '--mode=eval', f'--output={out}', *task.command[2:], *flags], label, out
 
 
+def _checkpoint_steps(task: Task) -> list[int]:
+  """The steps of the checkpoints a training task has left in its workdir (orbax: one folder per step)."""
+  directory = os.path.join(task.workdir, 'pretrain' if task.kind == 'pretrain' else '', 'checkpoints')
+  try:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  except OSError:
+    return []
+
+
+def task_state(task: Task) -> str:
+  """How a prepared task stands, in words: finished, to run, resuming from a checkpoint, or retrained."""
+  if task.done:
+    return 'finished'
+  if task.keep_results:
+    return 'to run: retrained for its checkpoint, results kept'
+  steps = _checkpoint_steps(task) if task.kind in ('pretrain', 'train') else []
+  return f'to run: resumes from step {steps[-1]}' if steps else 'to run'
+
+
 # Test-split evaluations of a finished training (another arm's sampler; a chosen budget): short, so they may
 # still start after the deadline, inside the grace period.
 EVALUATION_KINDS = ('shared_eval', 'budget_test')
@@ -536,17 +555,20 @@ class Runner:
           if task.kind in ('budget_val', 'budget_test', 'shared_eval') and task.workdir in trainings:
             needed.add(trainings[task.workdir])
       missing = [t for t in self.tasks if t.kind in ('pretrain', 'train') and t.done and t.key in needed and
-                 not os.path.isdir(os.path.join(t.workdir, 'pretrain' if t.kind == 'pretrain' else '',
-                                                'checkpoints'))]
+                 not _checkpoint_steps(t)]
       if not missing:
         return
       for task in missing:
         task.done, task.keep_results = False, True
 
-  def run(self) -> int:
+  def prepare(self) -> None:
+    """Marks the finished tasks, then the finished trainings that must run again for their checkpoints."""
     for task in self.tasks:
       task.done = _finished(task)
     self._retrain_missing_checkpoints()
+
+  def run(self) -> int:
+    self.prepare()
     todo = sum(not t.done for t in self.tasks)
     print(f'{len(self.tasks)} tasks, {len(self.tasks) - todo} already finished, {todo} to run', flush=True)
     threads: list[threading.Thread] = []
@@ -616,9 +638,11 @@ def main(argv=None) -> int:
   tasks = plan(names, datasets, seeds, os.path.abspath(args.root), os.path.abspath(args.results), extra,
                [a for a in args.arms.split(',') if a], args.budget_settings, args.budget_ensembles, limits)
   if args.dry_run:
+    runner = Runner(tasks, args.jobs, None, args.hardware)
+    runner.prepare()  # what run() would do: finished, to run, resumed, or retrained for a checkpoint
     for task in tasks:
-      state = 'finished' if _finished(task) else 'to run'
-      print(f'[{state}] {task.key}: {" ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:])}')
+      print(f'[{task_state(task)}] {task.key}: '
+            f'{" ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in task.command[1:])}')
     return 0
   if args.collect_only:
     return collect_only(tasks, args.hardware)

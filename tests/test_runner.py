@@ -35,14 +35,14 @@ FAKE_MAIN = textwrap.dedent('''
         f.write(json.dumps({'step': 10, prefix + 'val/dice': dice}) + '\\n')
     if mode == 'pretrain':
       write(os.path.join(workdir, 'pretrain', 'eval', 'test'), 'pretrain/')
-      os.makedirs(os.path.join(workdir, 'pretrain', 'checkpoints'), exist_ok=True)
+      os.makedirs(os.path.join(workdir, 'pretrain', 'checkpoints', '10'), exist_ok=True)
     elif mode == 'train':
       if '--config.pretrain.checkpoint' not in args and 'scratch' not in args['--config']:
         dice -= 0.05  # the phase 0 main.py trains first in its workdir (no shared one, not scratch)
         write(os.path.join(workdir, 'pretrain', 'eval', 'test'), 'pretrain/')
         dice += 0.05
       write(os.path.join(workdir, 'eval', 'test'), '')
-      os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)
+      os.makedirs(os.path.join(workdir, 'checkpoints', '10'), exist_ok=True)
     elif mode == 'sweep':
       out = os.path.join(workdir, 'eval', 'sweep')
       os.makedirs(out, exist_ok=True)
@@ -305,6 +305,34 @@ def test_an_evaluation_retrains_a_training_from_elsewhere_and_its_phase0_for_the
   assert 'synthetic/eps_only/seed0: started (train, retrained for its checkpoint (results kept))' in out
   assert 'synthetic/eps_only/seed1: started (train); log ' in out
   assert f'[{len(tasks)} / {len(tasks)} tasks finished]' in out
+
+
+def test_the_dry_run_says_what_run_would_do(tmp_path, monkeypatch, capsys):
+  """Finished, to run, resuming from its last checkpoint, or retrained for its checkpoint (results from another
+  machine that a task still to run needs), as Runner.run would decide."""
+  monkeypatch.setattr(run_lib, 'commit', lambda: ('abc123', False))
+  root, results = tmp_path / 'runs', tmp_path / 'results' / 'synthetic'
+  for arm in ('segmenter', 'eps_only'):  # seed 0 ran elsewhere: results, no workdirs
+    os.makedirs(results / arm / 'seed0')
+    (results / arm / 'seed0' / 'summary.json').write_text('{}')
+  (results / 'eps_only' / 'seed0' / 'budget_val.json').write_text('{}')
+  os.makedirs(root / 'synthetic' / 'phase0' / 'seed1' / 'pretrain' / 'checkpoints' / '1000')
+  os.makedirs(root / 'synthetic' / 'eps_only' / 'seed1' / 'checkpoints' / '500')  # an interrupted training
+  assert run_lib.main(['targets', '--arms=segmenter,eps_only', '--datasets=synthetic', '--seeds=0,1',
+                       f'--root={root}', f'--results={tmp_path / "results"}', '--dry_run']) == 0
+  states = {}
+  for line in capsys.readouterr().out.splitlines():  # '[state] key: command'
+    state, rest = line[1:].split('] ', 1)
+    states[rest.split(': ', 1)[0]] = state
+  assert states == {
+      'synthetic/segmenter/seed0': 'to run: retrained for its checkpoint, results kept',  # eps seed 0 loads it
+      'synthetic/eps_only/seed0': 'to run: retrained for its checkpoint, results kept',  # its test needs it
+      'synthetic/eps_only/seed0/budget_val': 'finished',
+      'synthetic/segmenter/seed1': 'to run: resumes from step 1000',  # stopped before its test evaluation
+      'synthetic/eps_only/seed1': 'to run: resumes from step 500',
+      'synthetic/eps_only/seed1/budget_val': 'to run',
+      'synthetic/eps_only/seed0/budget_test': 'to run',
+      'synthetic/eps_only/seed1/budget_test': 'to run'}
 
 
 def test_budget_is_chosen_on_validation_over_seeds_and_tested_once(fake):
