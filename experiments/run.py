@@ -510,7 +510,8 @@ class Runner:
     started = time.time()
     command, label, out = task.command, None, None
     if task.kind == 'budget_test':
-      dirs = [self.by_key[d].results for d in task.deps if d.endswith('/budget_val')]  # KeyError: a seed the plan left out
+      deps = [self.by_key[d] for d in task.deps]  # KeyError: a seed the plan left out
+      dirs = [d.results for d in deps if d.kind == 'budget_val']  # not its own training's
       command, label, out = budget_test_command(task, choose_budget(dirs))
     elif task.kind == 'shared_eval':  # the source arm's checkpoint, this arm's sampling, the test split
       command = [*task.command[:2], '--mode=eval', f'--output={eval_dir(task)}', *task.command[2:]]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 
@@ -284,7 +285,6 @@ def test_an_evaluation_retrains_a_training_from_elsewhere_and_its_phase0_for_the
   pick = lambda seeds: [t for t in make(['targets'], seeds=seeds) if t.key.split('/')[1] in ('segmenter', 'eps_only')]
   assert run_lib.Runner(pick((0,)), 1, None, 'test').run() == 0
   results = tmp_path / 'results' / 'synthetic'
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(tmp_path / 'runs')  # another machine's workdirs
   shutil.rmtree(results / 'eps_only' / 'seed0' / 'budget_test')  # its choice waited for seed 1
   for name in ('summary.json', 'per_case.csv'):
