@@ -274,9 +274,12 @@ def plan(sweep_names, datasets_filter, seeds, root: str, results: str, extra: li
 def current_command(dataset: str, arm: str, seed: int) -> list[str] | None:
   """main.py's arguments for (dataset, arm, seed) as the sweeps define them now (None: no such run)."""
   key = f'{dataset}/{arm}/seed{seed}'
-  for task in plan(list(sweeps.SWEEPS), [dataset], [seed], '/r', '/res', [], arms_filter=(arm,)):
-    if task.key == key:
-      return task.command[2:]
+  # A phase 0 may be planned only as the dependency of another arm (the unified data's segmenter is in no sweep's
+  # arm list): look among every arm's tasks when the arm's own plan lacks it.
+  for arms_filter in ((arm,), ()):
+    for task in plan(list(sweeps.SWEEPS), [dataset], [seed], '/r', '/res', [], arms_filter=arms_filter):
+      if task.key == key:
+        return task.command[2:]
   return None
 
 

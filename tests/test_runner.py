@@ -159,6 +159,19 @@ def test_unified_arms_run_only_on_the_unified_data():
   assert not [c for c in by_key['unified/unified_equal_steps/seed0'] if c.startswith('--config.train.num_steps=')]
 
 
+def test_the_current_command_of_a_phase0_planned_only_as_a_dependency():
+  # the unified data's segmenter is in no sweep's arm list, only phase 0 of the unified arms: the results page
+  # must still find what it runs now, not call its records stale
+  command = run_lib.current_command('unified', 'segmenter', 1)
+  assert command is not None
+  assert '--mode=pretrain' in command and '--config=configs/unified.py:cpu' in command
+  assert '--config.seed=1' in command
+  phase1 = run_lib.current_command('unified', 'unified_equal_steps', 1)
+  workdir = next(c for c in command if c.startswith('--workdir=')).split('=', 1)[1]
+  assert f'--config.pretrain.checkpoint={workdir}' in phase1
+  assert run_lib.current_command('unified', 'default', 1) is None  # per-dataset arms never run on it
+
+
 
 def test_an_arm_with_a_phase0_of_its_own_keeps_that_phase0s_test_rows(fake):
   """default_fifth_steps trains its own (shorter) phase 0 in its workdir: its results keep that segmenter's test
