@@ -172,7 +172,6 @@ def test_the_current_command_of_a_phase0_planned_only_as_a_dependency():
   assert run_lib.current_command('unified', 'default', 1) is None  # per-dataset arms never run on it
 
 
-
 def test_an_arm_with_a_phase0_of_its_own_keeps_that_phase0s_test_rows(fake):
   """default_fifth_steps trains its own (shorter) phase 0 in its workdir: its results keep that segmenter's test
   rows as its own phase 0, not the shared one's; a scratch arm (no phase 0) keeps none."""
